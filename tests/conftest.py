@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,10 +18,10 @@ def embedded_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def tiny_pipeline(embedded_model_dir: Path) -> Iterator[StableDiffusionPipeline]:
+def tiny_pipeline(embedded_model_dir: Path) -> StableDiffusionPipeline:
     """A fresh StableDiffusionPipeline on the CPU, loaded from the embedded model folder."""
     pipeline = StableDiffusionPipeline.from_pretrained(
         str(embedded_model_dir), torch_dtype=torch.float32, local_files_only=True
     )
     pipeline.set_progress_bar_config(disable=True)
-    yield pipeline
+    return pipeline

@@ -12,6 +12,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -24,7 +25,6 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_MODEL_ID = "embedded/tiny-sd"
 EMBEDDED_MODEL_FOLDER = "embedded--tiny-sd"
 # Bump when the architecture or seeds change, so that old folders are rebuilt.
 EMBEDDED_MODEL_VERSION = "1"
@@ -60,7 +60,7 @@ def _write_tokenizer(folder: Path) -> None:
     tokenizer.save_pretrained(str(folder))
 
 
-def _build_pipeline(tokenizer_dir: Path) -> StableDiffusionPipeline:
+def _build_pipeline(tokenizer_dir: Path) -> Any:
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         sample_size=8,

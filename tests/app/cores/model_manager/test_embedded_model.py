@@ -39,7 +39,8 @@ def test_tokenizer_encodes_any_text_without_unknown_tokens(
 ) -> None:
     tokenizer = tiny_pipeline.tokenizer
     ids = tokenizer("a cat, héllo wörld 🎉").input_ids
-    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert ids[0] == tokenizer.bos_token_id
+    assert ids[-1] == tokenizer.eos_token_id
     assert len(set(ids[1:-1])) > 5
     assert tokenizer.model_max_length == 77
 

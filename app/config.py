@@ -1,0 +1,83 @@
+"""Typed settings from the environment (prefix ``LOCALAI_``); bad values fail at start-up."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+MiB = 1024 * 1024
+EMBEDDED_MODEL_ID = "embedded/tiny-sd"
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set. Paths derived from ``cache_dir`` live here too."""
+
+    model_config = SettingsConfigDict(env_prefix="LOCALAI_", env_file=None, extra="ignore")
+
+    cache_dir: Path = Field(
+        default=Path(".cache"),
+        description="Holds models/, loras/, generated_images/ and the SQLite database.",
+    )
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy async URL; default: SQLite file in cache_dir."
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    device: str = Field(
+        default="auto",
+        description="auto, cpu, mps, cuda or cuda:N. Overrides the device chosen in the UI.",
+    )
+    default_model_id: str = Field(
+        default=EMBEDDED_MODEL_ID, description="Model loaded when the UI asks for no other."
+    )
+    lora_max_file_size: int = Field(default=500 * MiB, gt=0, description="Upload limit, bytes.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _DEVICE_PATTERN.match(value):
+            raise ValueError("must be one of auto, cpu, mps, cuda, cuda:N")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("sqlite+aiosqlite://"):
+            raise ValueError("only SQLite through aiosqlite is supported: sqlite+aiosqlite:///PATH")
+        return value
+
+    @property
+    def models_dir(self) -> Path:
+        return self.cache_dir / "models"
+
+    @property
+    def loras_dir(self) -> Path:
+        return self.cache_dir / "loras"
+
+    @property
+    def generated_images_dir(self) -> Path:
+        return self.cache_dir / "generated_images"
+
+    @property
+    def user_config_file(self) -> Path:
+        return self.cache_dir / "user_config.json"
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.cache_dir / 'localai.db').resolve()}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Settings read once from the environment."""
+    return Settings()

@@ -1,0 +1,165 @@
+"""The model manager: which model is loaded, and the one lock around the pipeline.
+
+THE PIPELINE LOCK (``ModelManager._lock``, a ``threading.Lock``) serialises everything that
+touches the pipeline: loading, unloading, generating, and LoRA adapters. Diffusers pipelines
+are not thread-safe (two generations at once crash inside the scheduler), so the lock is
+taken inside the worker thread for the whole of each operation; the event loop never
+blocks on it and a cancelled request cannot release it early.
+
+Load and unload requests follow "the latest request wins": each one takes a new number
+(``_epoch``); a load whose number is no longer the latest stops at its next checkpoint and
+its request ends with 204, and an unload that a newer load overtook does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio.to_thread
+
+from app.cores.model_manager.device import dtype_for
+from app.cores.model_manager.pipeline_manager import LoadCancelledError, PipelineManager
+from app.exceptions import AppError, NoModelLoadedError
+from app.services.events import EventEmitter
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class ModelLoadError(AppError):
+    status_code = 500
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model_id: str
+    config: dict[str, Any]
+    sample_size: int
+
+
+class ModelManager:
+    def __init__(self, events: EventEmitter) -> None:
+        self._events = events
+        self._lock = threading.Lock()
+        self._pipeline: PipelineManager | None = None
+        self._epoch = 0
+        self._loading_model_id: str | None = None
+        self.safety_check_enabled = True
+
+    @property
+    def loaded_model_id(self) -> str | None:
+        pipeline = self._pipeline
+        return pipeline.model_id if pipeline is not None else None
+
+    @property
+    def loading_model_id(self) -> str | None:
+        return self._loading_model_id
+
+    async def load(
+        self, model_id: str, source: str, device_for_load: Callable[[], Any]
+    ) -> LoadedModel | None:
+        """Load ``model_id`` from ``source``; None when the load was cancelled or duplicated."""
+        if self._loading_model_id == model_id:
+            return None
+        current = self._pipeline
+        if self._loading_model_id is None and current is not None and current.model_id == model_id:
+            self._epoch += 1  # this request is now the latest: a pending unload must not win
+            return self._describe(current)
+        self._epoch += 1
+        epoch = self._epoch
+        self._loading_model_id = model_id
+        try:
+            return await anyio.to_thread.run_sync(
+                self._load_blocking, model_id, source, epoch, device_for_load
+            )
+        finally:
+            if self._epoch == epoch:
+                self._loading_model_id = None
+
+    async def unload(self) -> None:
+        """Unload the model, after any running generation; cancels a load in progress."""
+        self._epoch += 1
+        self._loading_model_id = None
+        await anyio.to_thread.run_sync(self._unload_blocking, self._epoch)
+
+    async def run(self, work: Callable[[PipelineManager], T]) -> T:
+        """Run ``work`` on the loaded pipeline in a worker thread, holding the lock."""
+        return await anyio.to_thread.run_sync(self._run_blocking, work)
+
+    def _run_blocking(self, work: Callable[[PipelineManager], T]) -> T:
+        with self._lock:
+            pipeline = self._pipeline
+            if pipeline is None:
+                raise NoModelLoadedError()
+            pipeline.safety_check_enabled = self.safety_check_enabled
+            return work(pipeline)
+
+    def _describe(self, pipeline: PipelineManager) -> LoadedModel:
+        return LoadedModel(pipeline.model_id, pipeline.describe(), pipeline.sample_size)
+
+    def _release(self) -> None:
+        if self._pipeline is not None:
+            self._pipeline.close()
+            self._pipeline = None
+
+    def _unload_blocking(self, epoch: int) -> None:
+        with self._lock:
+            if epoch == self._epoch:
+                self._release()
+
+    def _load_blocking(
+        self, model_id: str, source: str, epoch: int, device_for_load: Callable[[], Any]
+    ) -> LoadedModel | None:
+        with self._lock:
+            if epoch != self._epoch:
+                return None
+            self._release()
+            device = device_for_load()
+            emit = self._events.emit
+            emit("model_load_started", {"model_id": model_id})
+
+            def progress(step: int, phase: str, message: str) -> None:
+                emit(
+                    "model_load_progress",
+                    {
+                        "model_id": model_id,
+                        "step": step,
+                        "total": 8,
+                        "phase": phase,
+                        "message": message,
+                    },
+                )
+
+            try:
+                pipeline = PipelineManager.load(
+                    model_id,
+                    source,
+                    device,
+                    dtype_for(device),
+                    progress,
+                    should_stop=lambda: epoch != self._epoch,
+                )
+            except LoadCancelledError:
+                logger.info("Load of %s cancelled by a newer request", model_id)
+                return None
+            except Exception as error:
+                logger.exception("Loading %s failed", model_id)
+                emit("model_load_failed", {"model_id": model_id, "error": str(error)})
+                raise ModelLoadError(f"Failed to load model {model_id}: {error}") from error
+            if epoch != self._epoch:
+                pipeline.close()
+                return None
+            self._pipeline = pipeline
+            logger.info("Loaded %s on %s", model_id, device)
+            emit("model_load_completed", {"model_id": model_id})
+            return self._describe(pipeline)
+
+    def shutdown(self) -> None:
+        self._epoch += 1
+        with self._lock:
+            self._release()

@@ -1,0 +1,171 @@
+"""One loaded diffusers pipeline and the operations on it.
+
+Nothing here is thread-safe: every method must be called with the pipeline lock held
+(see ``ModelManager``). Methods are blocking and meant to run in a worker thread.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, float, torch.Tensor], None]
+"""Called after each denoising step with (step index, timestep, latents)."""
+
+ProgressCallback = Callable[[int, str, str], None]
+"""Called at each load checkpoint with (step 1..8, phase, message)."""
+
+LOAD_STEPS = 8
+
+
+class LoadCancelledError(Exception):
+    """A newer load or unload request made this load pointless."""
+
+
+@dataclass(frozen=True)
+class DiffusionParams:
+    """What one denoising run needs, independent of the pipeline kind."""
+
+    prompt: str
+    negative_prompt: str
+    steps: int
+    cfg_scale: float
+    clip_skip: int
+    seeds: list[int]
+    scheduler: Any
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    images: list[Image.Image]
+    nsfw: list[bool]
+
+
+class PipelineManager:
+    """Owns a text-to-image pipeline and an image-to-image view sharing its components."""
+
+    def __init__(self, pipeline: Any, model_id: str, device: torch.device) -> None:
+        self.pipeline = pipeline
+        self.model_id = model_id
+        self.device = device
+        # Shares every module with the text-to-image pipeline: no extra memory.
+        self.img2img = AutoPipelineForImage2Image.from_pipe(pipeline)
+        self.safety_check_enabled = True
+        pipeline.set_progress_bar_config(disable=True)
+        self.img2img.set_progress_bar_config(disable=True)
+
+    @classmethod
+    def load(
+        cls,
+        model_id: str,
+        source: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        progress: ProgressCallback,
+        should_stop: Callable[[], bool],
+    ) -> PipelineManager:
+        """Load ``source`` (a diffusers folder) onto ``device``; raises LoadCancelledError."""
+
+        def checkpoint(step: int, phase: str, message: str) -> None:
+            if should_stop():
+                raise LoadCancelledError(model_id)
+            progress(step, phase, message)
+
+        checkpoint(1, "initialization", f"Starting to load {model_id}")
+        checkpoint(2, "initialization", "Checking the local model files")
+        checkpoint(3, "loading_model", "Preparing the pipeline")
+        checkpoint(4, "loading_model", "Loading model weights")
+        pipeline = AutoPipelineForText2Image.from_pretrained(
+            source, dtype=dtype, local_files_only=True
+        )
+        checkpoint(5, "loading_model", "Model weights loaded")
+        checkpoint(6, "device_setup", f"Moving the model to {device}")
+        pipeline.to(device)
+        checkpoint(7, "device_setup", "Applying optimisations")
+        if device.type == "mps":
+            pipeline.enable_attention_slicing()
+        manager = cls(pipeline, model_id, device)
+        checkpoint(8, "optimization", "Model ready")
+        return manager
+
+    @property
+    def scheduler_config(self) -> Mapping[str, Any]:
+        return dict(self.pipeline.scheduler.config)
+
+    @property
+    def sample_size(self) -> int:
+        return int(getattr(self.pipeline.unet.config, "sample_size", 64) or 64)
+
+    def describe(self) -> dict[str, Any]:
+        """The pipeline's component config, as the contract's load response shows it."""
+        return {k: v for k, v in dict(self.pipeline.config).items() if not k.startswith("_")}
+
+    def _text_encoder_layers(self) -> int:
+        encoder = getattr(self.pipeline, "text_encoder", None)
+        return int(getattr(getattr(encoder, "config", None), "num_hidden_layers", 1) or 1)
+
+    def _common_kwargs(self, params: DiffusionParams) -> dict[str, Any]:
+        # A1111 counts clip skip from 1 (no skip); diffusers counts skipped layers.
+        skipped = min(params.clip_skip - 1, self._text_encoder_layers() - 1)
+        return {
+            "prompt": [params.prompt] * len(params.seeds),
+            "negative_prompt": [params.negative_prompt] * len(params.seeds),
+            "num_inference_steps": params.steps,
+            "guidance_scale": params.cfg_scale,
+            "clip_skip": skipped if skipped > 0 else None,
+            # CPU generators give the same noise on every device: seeds reproduce anywhere.
+            "generator": [torch.Generator("cpu").manual_seed(seed) for seed in params.seeds],
+        }
+
+    def _run(self, pipeline: Any, kwargs: dict[str, Any]) -> GenerationOutput:
+        saved_checker = getattr(pipeline, "safety_checker", None)
+        if not self.safety_check_enabled and saved_checker is not None:
+            pipeline.safety_checker = None
+        try:
+            output = pipeline(**kwargs)
+        finally:
+            if saved_checker is not None:
+                pipeline.safety_checker = saved_checker
+        images: list[Image.Image] = list(output.images)
+        flags = getattr(output, "nsfw_content_detected", None) or [False] * len(images)
+        return GenerationOutput(images=images, nsfw=[bool(flag) for flag in flags])
+
+    def text_to_image(
+        self, params: DiffusionParams, width: int, height: int, on_step: StepCallback | None
+    ) -> GenerationOutput:
+        self.pipeline.scheduler = params.scheduler
+        kwargs = self._common_kwargs(params) | {"width": width, "height": height}
+        if on_step is not None:
+
+            def step_end(_pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> Any:
+                on_step(step, float(timestep), tensors["latents"])
+                return tensors
+
+            kwargs["callback_on_step_end"] = step_end
+            kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
+        return self._run(self.pipeline, kwargs)
+
+    def image_to_image(
+        self, params: DiffusionParams, images: list[Image.Image], strength: float
+    ) -> GenerationOutput:
+        self.img2img.scheduler = params.scheduler
+        kwargs = self._common_kwargs(params) | {"image": images, "strength": strength}
+        return self._run(self.img2img, kwargs)
+
+    def close(self) -> None:
+        """Drop every reference to the weights and give the memory back."""
+        self.pipeline = None
+        self.img2img = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        logger.info("Released pipeline of %s", self.model_id)

@@ -1,0 +1,78 @@
+"""All SQL lives here. Functions add and flush; the request's session commits once."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.database.models import DownloadedModel, GeneratedImage, History
+
+# --- models -----------------------------------------------------------------------------
+
+
+async def list_models(session: AsyncSession) -> Sequence[DownloadedModel]:
+    result = await session.scalars(select(DownloadedModel).order_by(DownloadedModel.id))
+    return result.all()
+
+
+async def get_model(session: AsyncSession, model_id: str) -> DownloadedModel | None:
+    return await session.scalar(select(DownloadedModel).where(DownloadedModel.model_id == model_id))
+
+
+async def upsert_model(session: AsyncSession, model_id: str, model_dir: str) -> DownloadedModel:
+    row = await get_model(session, model_id)
+    if row is None:
+        row = DownloadedModel(model_id=model_id, model_dir=model_dir)
+        session.add(row)
+    elif row.model_dir != model_dir:
+        row.model_dir = model_dir
+    await session.flush()
+    return row
+
+
+async def delete_model(session: AsyncSession, row: DownloadedModel) -> None:
+    await session.delete(row)
+    await session.flush()
+
+
+# --- histories and images ---------------------------------------------------------------
+
+
+async def create_history(
+    session: AsyncSession, prompt: str, model: str, config: dict[str, Any]
+) -> History:
+    history = History(prompt=prompt, model=model, config=config)
+    session.add(history)
+    await session.flush()
+    await session.refresh(history, ["generated_images"])
+    return history
+
+
+async def list_histories(session: AsyncSession) -> Sequence[History]:
+    result = await session.scalars(select(History).order_by(History.id))
+    return result.all()
+
+
+async def get_history(session: AsyncSession, history_id: int) -> History | None:
+    return await session.get(History, history_id)
+
+
+async def delete_history(session: AsyncSession, history: History) -> None:
+    await session.delete(history)
+    await session.flush()
+
+
+async def add_images(
+    session: AsyncSession, history_id: int, images: Sequence[tuple[str, str, bool, int]]
+) -> list[GeneratedImage]:
+    """Rows for (path, file_name, is_nsfw, seed) tuples, in order."""
+    rows = [
+        GeneratedImage(history_id=history_id, path=path, file_name=name, is_nsfw=nsfw, seed=seed)
+        for path, name, nsfw, seed in images
+    ]
+    session.add_all(rows)
+    await session.flush()
+    return rows

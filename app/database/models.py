@@ -1,0 +1,68 @@
+"""ORM models. Every schema change goes through an Alembic migration in ``alembic/versions``."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utc_now() -> datetime:
+    """Naive UTC, the form the UI expects (ISO-8601 without offset)."""
+    return datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class TimestampMixin:
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utc_now, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime, default=utc_now, onupdate=utc_now, nullable=False
+    )
+
+
+class DownloadedModel(Base, TimestampMixin):
+    """A model available on this machine (the embedded one, or one the user added)."""
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[str] = mapped_column(String(512), unique=True, nullable=False)
+    model_dir: Mapped[str] = mapped_column(Text, nullable=False)
+
+
+class History(Base, TimestampMixin):
+    """One press of the generate button: the prompt, the model and the config as sent."""
+
+    __tablename__ = "histories"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prompt: Mapped[str] = mapped_column(Text, nullable=False)
+    model: Mapped[str] = mapped_column(String(512), nullable=False)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    generated_images: Mapped[list[GeneratedImage]] = relationship(
+        back_populates="history",
+        cascade="all, delete-orphan",
+        order_by="GeneratedImage.id",
+        lazy="selectin",
+    )
+
+
+class GeneratedImage(Base, TimestampMixin):
+    """A PNG written under the cache folder and served at ``path``."""
+
+    __tablename__ = "generated_images"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    history_id: Mapped[int] = mapped_column(
+        ForeignKey("histories.id", ondelete="CASCADE"), index=True, nullable=False
+    )
+    path: Mapped[str] = mapped_column(Text, nullable=False)
+    file_name: Mapped[str] = mapped_column(String(255), nullable=False)
+    is_nsfw: Mapped[bool] = mapped_column(default=False, nullable=False)
+    seed: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    history: Mapped[History] = relationship(back_populates="generated_images")

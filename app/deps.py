@@ -1,0 +1,56 @@
+"""Dependency aliases for routes: ``SessionDep``, ``ModelManagerDep`` and friends.
+
+Shared state is created in the app's lifespan and kept on ``app.state``; these aliases hand it
+to routes. ``SessionDep`` opens one session per request and commits it once, after the route
+returns and before the response is sent, or rolls it back if anything raised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.config import Settings
+from app.cores.model_manager.model_manager import ModelManager
+from app.services.events import EventEmitter
+from app.services.storage import Storage
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    async with request.app.state.session_factory() as session:
+        try:
+            yield session
+            await session.commit()
+        except BaseException:
+            await session.rollback()
+            raise
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_model_manager(request: Request) -> ModelManager:
+    manager: ModelManager = request.app.state.model_manager
+    return manager
+
+
+def get_storage(request: Request) -> Storage:
+    storage: Storage = request.app.state.storage
+    return storage
+
+
+def get_events(request: Request) -> EventEmitter:
+    events: EventEmitter = request.app.state.events
+    return events
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ModelManagerDep = Annotated[ModelManager, Depends(get_model_manager)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+EventsDep = Annotated[EventEmitter, Depends(get_events)]

@@ -1,0 +1,40 @@
+"""Domain errors. Services raise these; one handler in ``app.main`` maps them to HTTP.
+
+Every error carries a message written for the person using the UI: it says what was wrong
+and, where it helps, what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class AppError(Exception):
+    """Root of every error the API reports on purpose."""
+
+    status_code = 500
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class BadRequestError(AppError):
+    """The request cannot be served as asked (400)."""
+
+    status_code = 400
+
+
+class NotFoundError(AppError):
+    """The named thing does not exist (404)."""
+
+    status_code = 404
+
+
+class ConflictError(AppError):
+    """The request clashes with the current state (409)."""
+
+    status_code = 409
+
+
+class NoModelLoadedError(BadRequestError):
+    def __init__(self) -> None:
+        super().__init__("No model is currently loaded. Load a model first.")

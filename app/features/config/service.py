@@ -1,0 +1,66 @@
+"""The UI's settings: device, memory shares and the safety check, kept across restarts."""
+
+from __future__ import annotations
+
+import torch
+
+from app.cores.model_manager.model_manager import ModelManager
+from app.exceptions import BadRequestError
+from app.features.config.schemas import BackendConfig, UserConfig
+from app.features.config.upscalers import upscaler_sections
+from app.features.hardware.service import list_gpus, total_ram
+from app.services.storage import Storage
+
+
+def read_user_config(storage: Storage) -> UserConfig:
+    raw = storage.read_json(storage.user_config_file)
+    try:
+        return UserConfig.model_validate(raw)
+    except ValueError:
+        return UserConfig()  # a hand-edited, broken file must not stop the backend
+
+
+def _write(storage: Storage, config: UserConfig) -> BackendConfig:
+    storage.write_json(storage.user_config_file, config.model_dump())
+    return backend_config(storage)
+
+
+def _total_gpu_memory(device_index: int) -> int:
+    gpus = list_gpus()
+    if gpus:
+        return gpus[device_index if 0 <= device_index < len(gpus) else 0].memory
+    if torch.backends.mps.is_available():
+        return int(total_ram() * 0.8)  # MPS shares system memory
+    return 0
+
+
+def backend_config(storage: Storage) -> BackendConfig:
+    config = read_user_config(storage)
+    return BackendConfig(
+        **config.model_dump(),
+        upscalers=upscaler_sections(),
+        total_gpu_memory=_total_gpu_memory(config.device_index),
+        total_ram_memory=total_ram(),
+    )
+
+
+def set_device(storage: Storage, device_index: int) -> BackendConfig:
+    gpu_count = len(list_gpus())
+    if device_index >= gpu_count:
+        available = f"GPUs 0-{gpu_count - 1} or -1 (CPU)" if gpu_count else "-1 (CPU) only"
+        raise BadRequestError(f"No GPU with index {device_index}; this machine offers {available}.")
+    config = read_user_config(storage).model_copy(update={"device_index": device_index})
+    return _write(storage, config)
+
+
+def set_max_memory(storage: Storage, gpu_scale: float, ram_scale: float) -> BackendConfig:
+    config = read_user_config(storage).model_copy(
+        update={"gpu_scale_factor": gpu_scale, "ram_scale_factor": ram_scale}
+    )
+    return _write(storage, config)
+
+
+def set_safety_check(storage: Storage, models: ModelManager, enabled: bool) -> BackendConfig:
+    config = read_user_config(storage).model_copy(update={"safety_check_enabled": enabled})
+    models.safety_check_enabled = enabled
+    return _write(storage, config)

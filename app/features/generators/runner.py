@@ -1,0 +1,114 @@
+"""The blocking part of a generation: runs in a worker thread with the pipeline lock held."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from app.cores.model_manager.pipeline_manager import (
+    DiffusionParams,
+    GenerationOutput,
+    PipelineManager,
+)
+from app.features.config.upscalers import PIL_RESAMPLING
+from app.features.generators.previews import latents_to_preview_pngs
+from app.features.generators.samplers import make_scheduler
+from app.features.generators.schemas import GeneratorConfig
+from app.services.events import EventEmitter
+
+PHASE_IMAGE_GENERATION = "image_generation"
+PHASE_UPSCALING = "upscaling"
+PHASE_COMPLETED = "completed"
+
+
+def round_to_latent_grid(size: int) -> int:
+    """Round down to a multiple of 8, the VAE's scale factor."""
+    return max(64, size - size % 8)
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    config: GeneratorConfig
+    seeds: list[int]
+
+    @property
+    def phases(self) -> list[str]:
+        if self.config.hires_fix is None:
+            return [PHASE_IMAGE_GENERATION]
+        return [PHASE_IMAGE_GENERATION, PHASE_UPSCALING]
+
+
+def _params(pipeline: PipelineManager, plan: GenerationPlan, steps: int) -> DiffusionParams:
+    config = plan.config
+    return DiffusionParams(
+        prompt=config.prompt,
+        negative_prompt=config.negative_prompt,
+        steps=steps,
+        cfg_scale=config.cfg_scale,
+        clip_skip=config.clip_skip,
+        seeds=plan.seeds,
+        # A fresh scheduler per pass: schedulers keep per-run state.
+        scheduler=make_scheduler(config.sampler, pipeline.scheduler_config),
+    )
+
+
+def _hires_pass(
+    pipeline: PipelineManager, plan: GenerationPlan, base: GenerationOutput
+) -> GenerationOutput:
+    hires = plan.config.hires_fix
+    assert hires is not None
+    resample = PIL_RESAMPLING[hires.upscaler]
+    upscaled = [
+        image.resize(
+            (
+                round_to_latent_grid(round(image.width * hires.upscale_factor)),
+                round_to_latent_grid(round(image.height * hires.upscale_factor)),
+            ),
+            resample,
+        )
+        for image in base.images
+    ]
+    # Images the safety check flagged are only resized: no detail is added to them.
+    refine = [i for i, flagged in enumerate(base.nsfw) if not flagged]
+    if hires.denoising_strength == 0 or not refine:
+        return GenerationOutput(images=upscaled, nsfw=base.nsfw)
+    subset = replace(plan, seeds=[plan.seeds[i] for i in refine])
+    params = _params(pipeline, subset, hires.steps or plan.config.steps)
+    refined = pipeline.image_to_image(
+        params, [upscaled[i] for i in refine], hires.denoising_strength
+    )
+    images, nsfw = list(upscaled), list(base.nsfw)
+    for position, index in enumerate(refine):
+        images[index] = refined.images[position]
+        nsfw[index] = refined.nsfw[position]
+    return GenerationOutput(images=images, nsfw=nsfw)
+
+
+def run_generation(
+    pipeline: PipelineManager, plan: GenerationPlan, events: EventEmitter
+) -> GenerationOutput:
+    config = plan.config
+
+    def on_step(step: int, timestep: float, latents: torch.Tensor) -> None:
+        for index, preview in enumerate(latents_to_preview_pngs(latents)):
+            events.emit(
+                "image_generation_step_end",
+                {
+                    "index": index,
+                    "current_step": step,
+                    "timestep": timestep,
+                    "image_base64": preview,
+                },
+            )
+
+    output = pipeline.text_to_image(
+        _params(pipeline, plan, config.steps),
+        round_to_latent_grid(config.width),
+        round_to_latent_grid(config.height),
+        on_step,
+    )
+    if config.hires_fix is not None:
+        events.emit("generation_phase", {"phases": plan.phases, "current": PHASE_UPSCALING})
+        output = _hires_pass(pipeline, plan, output)
+    return output

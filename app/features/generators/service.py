@@ -1,0 +1,120 @@
+"""Generation: run the pipeline, save the PNGs, link them to the history entry."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from functools import partial
+
+import anyio.to_thread
+import torch
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.cores.model_manager.model_manager import ModelManager
+from app.cores.model_manager.pipeline_manager import GenerationOutput
+from app.database import crud
+from app.exceptions import AppError, BadRequestError, NotFoundError
+from app.features.config.upscalers import PIL_RESAMPLING
+from app.features.generators.infotext import build_infotext, png_info
+from app.features.generators.runner import (
+    PHASE_COMPLETED,
+    PHASE_IMAGE_GENERATION,
+    GenerationPlan,
+    run_generation,
+)
+from app.features.generators.samplers import SamplerInfo, list_samplers
+from app.features.generators.schemas import (
+    GeneratedItem,
+    GenerateRequest,
+    GenerateResponse,
+    GeneratorConfig,
+)
+from app.services.events import EventEmitter
+from app.services.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+
+class GenerationError(BadRequestError):
+    """Diffusers refused or failed the run (the contract reports these as 400)."""
+
+
+def samplers() -> list[SamplerInfo]:
+    return list_samplers()
+
+
+def _check_supported(config: GeneratorConfig) -> None:
+    hires = config.hires_fix
+    if hires is not None and hires.upscaler not in PIL_RESAMPLING:
+        raise BadRequestError(
+            f"The AI upscaler {hires.upscaler.value} is not installed; "
+            "choose Lanczos, Bicubic, Bilinear or Nearest."
+        )
+
+
+def _seeds(config: GeneratorConfig) -> list[int]:
+    base = config.seed if config.seed >= 0 else secrets.randbelow(2**32)
+    return [(base + index) % 2**32 for index in range(config.number_of_images)]
+
+
+def _save_images(
+    storage: Storage, plan: GenerationPlan, model: str, output: GenerationOutput
+) -> list[GeneratedItem]:
+    items: list[GeneratedItem] = []
+    try:
+        for index, (image, seed) in enumerate(zip(output.images, plan.seeds, strict=True)):
+            name = storage.new_image_name(index)
+            text = build_infotext(plan.config, seed, model, image.width, image.height)
+            path = storage.save_png(image, name, png_info(text))
+            items.append(GeneratedItem(path=path, file_name=name))
+    except BaseException:
+        for item in items:
+            storage.delete_generated_image(item.path)
+        raise
+    return items
+
+
+async def generate(
+    session: AsyncSession,
+    models: ModelManager,
+    storage: Storage,
+    events: EventEmitter,
+    request: GenerateRequest,
+) -> GenerateResponse:
+    history = await crud.get_history(session, request.history_id)
+    if history is None:
+        raise NotFoundError(f"History {request.history_id} not found")
+    config = request.config
+    _check_supported(config)
+    plan = GenerationPlan(config=config, seeds=_seeds(config))
+    events.emit("generation_phase", {"phases": plan.phases, "current": PHASE_IMAGE_GENERATION})
+    try:
+        output = await models.run(partial(run_generation, plan=plan, events=events))
+    except AppError:
+        raise
+    except torch.OutOfMemoryError as error:
+        raise GenerationError(
+            "Out of memory while generating. Try fewer or smaller images."
+        ) from error
+    except (RuntimeError, ValueError) as error:
+        logger.exception("Generation failed")
+        raise GenerationError(f"Generation failed: {error}") from error
+    finally:
+        events.emit("generation_phase", {"phases": plan.phases, "current": PHASE_COMPLETED})
+
+    model = models.loaded_model_id or history.model
+    items = await anyio.to_thread.run_sync(_save_images, storage, plan, model, output)
+    try:
+        await crud.add_images(
+            session,
+            history.id,
+            [
+                (i.path, i.file_name, nsfw, seed)
+                for i, nsfw, seed in zip(items, output.nsfw, plan.seeds, strict=True)
+            ],
+        )
+    except BaseException:
+        for item in items:
+            storage.delete_generated_image(item.path)
+        raise
+    return GenerateResponse(items=items, nsfw_content_detected=output.nsfw, seeds=plan.seeds)

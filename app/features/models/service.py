@@ -1,0 +1,101 @@
+"""Models on this machine: the embedded default, registered at start-up, and loading them."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio.to_thread
+from huggingface_hub import snapshot_download
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.config import EMBEDDED_MODEL_ID, Settings
+from app.cores.model_manager.device import resolve_device
+from app.cores.model_manager.embedded_model import build_embedded_model
+from app.cores.model_manager.model_manager import ModelManager
+from app.database import crud
+from app.database.models import DownloadedModel
+from app.exceptions import BadRequestError, ConflictError, NotFoundError
+from app.features.config.service import read_user_config
+from app.features.models.schemas import LoadModelResponse
+from app.services.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+
+async def register_embedded_model(session: AsyncSession, storage: Storage) -> DownloadedModel:
+    """Build the embedded model folder if needed (blocking; call from a thread) and list it."""
+    model_dir = build_embedded_model(storage.model_dir_for(EMBEDDED_MODEL_ID))
+    return await crud.upsert_model(session, EMBEDDED_MODEL_ID, str(model_dir))
+
+
+async def list_downloaded(session: AsyncSession) -> Sequence[DownloadedModel]:
+    return await crud.list_models(session)
+
+
+def _hub_cache_folder(model_id: str) -> str | None:
+    """A model already in the local Hugging Face cache; never goes to the network."""
+    try:
+        return str(snapshot_download(repo_id=model_id, local_files_only=True))
+    except Exception:  # any miss (not cached, bad id) means "not here"
+        return None
+
+
+async def _resolve_source(session: AsyncSession, model_id: str) -> str:
+    row = await crud.get_model(session, model_id)
+    if row is not None:
+        if not (Path(row.model_dir) / "model_index.json").is_file():
+            raise NotFoundError(
+                f"The files of model {model_id} are missing from {row.model_dir}. "
+                "Download it again or remove it."
+            )
+        return row.model_dir
+    cached = await anyio.to_thread.run_sync(_hub_cache_folder, model_id)
+    if cached is None:
+        raise NotFoundError(f"Model {model_id} is not downloaded on this machine.")
+    return cached
+
+
+async def load_model(
+    session: AsyncSession,
+    models: ModelManager,
+    storage: Storage,
+    settings: Settings,
+    model_id: str,
+) -> LoadModelResponse | None:
+    """Load a model; None means the load was cancelled or is already under way (204)."""
+    source = await _resolve_source(session, model_id)
+
+    def device_for_load() -> object:
+        return resolve_device(settings.device, read_user_config(storage).device_index)
+
+    loaded = await models.load(model_id, source, device_for_load)
+    if loaded is None:
+        return None
+    return LoadModelResponse(
+        model_id=loaded.model_id, config=loaded.config, sample_size=loaded.sample_size
+    )
+
+
+async def unload_model(models: ModelManager) -> None:
+    await models.unload()
+
+
+async def delete_model(
+    session: AsyncSession, models: ModelManager, storage: Storage, model_id: str
+) -> None:
+    if model_id in (models.loaded_model_id, models.loading_model_id):
+        raise ConflictError(f"Model {model_id} is loaded; unload it before deleting it.")
+    row = await crud.get_model(session, model_id)
+    if row is None:
+        raise BadRequestError(f"Model {model_id} is not downloaded.")
+    await crud.delete_model(session, row)
+    await anyio.to_thread.run_sync(_remove_owned_folder, Path(row.model_dir), storage.models_dir)
+
+
+def _remove_owned_folder(folder: Path, models_dir: Path) -> None:
+    # Only folders this backend owns are removed; a shared hub cache is left alone.
+    if folder.is_dir() and folder.resolve().is_relative_to(models_dir.resolve()):
+        shutil.rmtree(folder)

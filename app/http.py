@@ -1,0 +1,36 @@
+"""HTTP conventions shared by every route: trailing slashes and error bodies."""
+
+from __future__ import annotations
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.exceptions import AppError
+
+
+class TrailingSlashMiddleware:
+    """Serve ``/histories`` and ``/histories/`` alike, without redirects.
+
+    The UI calls some paths with a trailing slash and some without; a redirect could turn a
+    POST into a GET in some clients, so the slash is simply dropped before routing.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            path: str = scope["path"]
+            if len(path) > 1 and path.endswith("/"):
+                scope = dict(scope)
+                scope["path"] = path.rstrip("/") or "/"
+                raw: bytes | None = scope.get("raw_path")
+                if raw:
+                    scope["raw_path"] = raw.rstrip(b"/") or b"/"
+        await self.app(scope, receive, send)
+
+
+async def app_error_handler(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, AppError)
+    return JSONResponse(status_code=error.status_code, content={"detail": error.detail})

@@ -1,0 +1,112 @@
+"""Application factory: FastAPI app, Socket.IO server, and the lifespan that owns shared state."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio.to_thread
+import socketio
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
+
+from app.config import Settings, get_settings
+from app.cores.model_manager.model_manager import ModelManager
+from app.database.migrations import upgrade_to_head
+from app.database.session import create_engine, create_session_factory
+from app.exceptions import AppError
+from app.features.config.api import router as config_router
+from app.features.config.service import read_user_config
+from app.features.generators.api import router as generators_router
+from app.features.hardware.api import router as hardware_router
+from app.features.health.api import router as health_router
+from app.features.histories.api import router as histories_router
+from app.features.models import service as models_service
+from app.features.models.api import router as models_router
+from app.features.styles.api import router as styles_router
+from app.http import TrailingSlashMiddleware, app_error_handler
+from app.logging_setup import configure_logging
+from app.services.events import EventEmitter
+from app.services.storage import GENERATED_IMAGES_URL_PREFIX, Storage
+
+logger = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    storage: Storage = app.state.storage
+    storage.ensure_dirs()
+    database_url = settings.resolved_database_url
+    await anyio.to_thread.run_sync(upgrade_to_head, database_url)
+    engine = create_engine(database_url)
+    session_factory = create_session_factory(engine)
+    async with session_factory() as session:
+        await models_service.register_embedded_model(session, storage)
+        await session.commit()
+    events: EventEmitter = app.state.events
+    await events.start()
+    models = ModelManager(events)
+    models.safety_check_enabled = read_user_config(storage).safety_check_enabled
+    app.state.session_factory = session_factory
+    app.state.model_manager = models
+    logger.info("Backend ready; cache folder %s", settings.cache_dir.resolve())
+    try:
+        yield
+    finally:
+        await anyio.to_thread.run_sync(models.shutdown)
+        await events.stop()
+        await engine.dispose()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The FastAPI app (HTTP only). ``create_asgi_app`` adds Socket.IO in front of it."""
+    settings = settings or get_settings()
+    configure_logging(settings.log_level)
+    app = FastAPI(
+        title="LocalAI backend",
+        summary="Local image generation with first-class LoRA support.",
+        lifespan=lifespan,
+        redirect_slashes=False,
+    )
+    sio = socketio.AsyncServer(async_mode="asgi", cors_allowed_origins="*")
+    storage = Storage(settings)
+    storage.ensure_dirs()
+    app.state.settings = settings
+    app.state.storage = storage
+    app.state.sio = sio
+    app.state.events = EventEmitter(sio)
+
+    app.add_exception_handler(AppError, app_error_handler)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origin_regex=".*",  # any origin, credentials allowed, as the UI expects
+        allow_credentials=True,
+        allow_methods=["*"],
+        allow_headers=["*"],
+    )
+    app.add_middleware(TrailingSlashMiddleware)
+    for router in (
+        health_router,
+        config_router,
+        hardware_router,
+        models_router,
+        histories_router,
+        generators_router,
+        styles_router,
+    ):
+        app.include_router(router)
+    app.mount(
+        f"/{GENERATED_IMAGES_URL_PREFIX}",
+        StaticFiles(directory=storage.generated_images_dir),
+        name="generated_images",
+    )
+    return app
+
+
+def create_asgi_app(settings: Settings | None = None) -> socketio.ASGIApp:
+    """Socket.IO at ``/socket.io/`` in front of the FastAPI app (``uvicorn main:app``)."""
+    app = create_app(settings)
+    return socketio.ASGIApp(app.state.sio, other_asgi_app=app)

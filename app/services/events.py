@@ -1,0 +1,62 @@
+"""Socket.IO events, broadcast to every connected UI, in the order they were emitted.
+
+Diffusers work runs in worker threads, so ``emit`` is thread-safe and never blocks: it puts
+the event on a queue that one task on the event loop drains. One consumer keeps the order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import socketio
+
+logger = logging.getLogger(__name__)
+
+Payload = dict[str, Any]
+
+
+class EventEmitter:
+    def __init__(self, sio: socketio.AsyncServer) -> None:
+        self.sio = sio
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[tuple[str, Payload] | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.create_task(self._drain(), name="socketio-emitter")
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._queue.put_nowait(None)
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+        self._loop = None
+
+    def emit(self, event: str, payload: Payload) -> None:
+        """Queue ``event`` for every client; callable from any thread."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        item = (event, payload)
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._queue.put_nowait(item)
+        else:
+            loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    async def _drain(self) -> None:
+        while (item := await self._queue.get()) is not None:
+            event, payload = item
+            try:
+                await self.sio.emit(event, payload)
+            except Exception:  # a client that vanished must not stop the stream
+                logger.exception("Could not emit %s", event)

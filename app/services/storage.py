@@ -1,0 +1,93 @@
+"""Where things live under the cache folder, and writing files so that a crash leaves no
+half-written file behind (temporary file in the same folder, fsync, rename)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from app.config import Settings
+
+GENERATED_IMAGES_URL_PREFIX = "static/generated_images"
+TEMP_PREFIX = ".tmp-"
+
+
+@contextlib.contextmanager
+def atomic_writer(target: Path) -> Iterator[IO[bytes]]:
+    """Yield a file that becomes ``target`` only if the block completes."""
+    fd, temp_name = tempfile.mkstemp(dir=target.parent, prefix=TEMP_PREFIX)
+    temp_path = Path(temp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_path, target)
+    except BaseException:
+        temp_path.unlink(missing_ok=True)
+        raise
+
+
+class Storage:
+    def __init__(self, settings: Settings) -> None:
+        self.cache_dir = settings.cache_dir
+        self.models_dir = settings.models_dir
+        self.loras_dir = settings.loras_dir
+        self.generated_images_dir = settings.generated_images_dir
+        self.user_config_file = settings.user_config_file
+
+    def ensure_dirs(self) -> None:
+        for folder in (self.models_dir, self.loras_dir, self.generated_images_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    # --- models ---
+
+    def model_dir_for(self, model_id: str) -> Path:
+        return self.models_dir / model_id.replace("/", "--")
+
+    # --- LoRAs (names from Plan 006) ---
+
+    def get_loras_dir(self) -> Path:
+        return self.loras_dir
+
+    def get_lora_file_path(self, filename: str) -> Path:
+        return self.loras_dir / filename
+
+    # --- generated images ---
+
+    def new_image_name(self, index: int) -> str:
+        stamp = datetime.now(UTC).strftime("%Y%m%d_%H%M%S_%f")
+        return f"{stamp}_{index}"
+
+    def save_png(self, image: Image.Image, file_name: str, info: PngInfo | None = None) -> str:
+        """Write ``file_name``.png atomically; returns its server-relative URL path."""
+        target = self.generated_images_dir / f"{file_name}.png"
+        with atomic_writer(target) as handle:
+            image.save(handle, format="PNG", pnginfo=info)
+        return f"{GENERATED_IMAGES_URL_PREFIX}/{target.name}"
+
+    def delete_generated_image(self, url_path: str) -> None:
+        name = Path(url_path).name
+        (self.generated_images_dir / name).unlink(missing_ok=True)
+
+    # --- small JSON documents ---
+
+    def read_json(self, path: Path) -> dict[str, Any]:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def write_json(self, path: Path, data: dict[str, Any]) -> None:
+        with atomic_writer(path) as handle:
+            handle.write(json.dumps(data, indent=2).encode("utf-8"))
