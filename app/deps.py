@@ -2,7 +2,8 @@
 
 Shared state is created in the app's lifespan and kept on ``app.state``; these aliases hand it
 to routes. ``SessionDep`` opens one session per request and commits it once, after the route
-returns and before the response is sent, or rolls it back if anything raised.
+returns and before the response is sent, or rolls it back if anything raised; then it runs
+the file work registered in ``app.database.hooks``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
 from app.cores.model_manager.model_manager import ModelManager
+from app.database import hooks
 from app.services.events import EventEmitter
 from app.services.storage import Storage
 
@@ -26,7 +28,9 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
             await session.commit()
         except BaseException:
             await session.rollback()
+            hooks.run_after_rollback(session)
             raise
+        hooks.run_after_commit(session)
 
 
 def get_settings(request: Request) -> Settings:

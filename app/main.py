@@ -13,6 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from app.config import Settings, get_settings
+from app.cores.model_manager.embedded_model import build_embedded_model
 from app.cores.model_manager.model_manager import ModelManager
 from app.database.migrations import upgrade_to_head
 from app.database.session import create_engine, create_session_factory
@@ -23,6 +24,8 @@ from app.features.generators.api import router as generators_router
 from app.features.hardware.api import router as hardware_router
 from app.features.health.api import router as health_router
 from app.features.histories.api import router as histories_router
+from app.features.loras import service as loras_service
+from app.features.loras.api import router as loras_router
 from app.features.models import service as models_service
 from app.features.models.api import router as models_router
 from app.features.styles.api import router as styles_router
@@ -44,7 +47,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = create_engine(database_url)
     session_factory = create_session_factory(engine)
     async with session_factory() as session:
+        await anyio.to_thread.run_sync(build_embedded_model, storage.embedded_model_dir)
         await models_service.register_embedded_model(session, storage)
+        await loras_service.repair_on_startup(session, storage)
         await session.commit()
     events: EventEmitter = app.state.events
     await events.start()
@@ -96,6 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         histories_router,
         generators_router,
         styles_router,
+        loras_router,
     ):
         app.include_router(router)
     app.mount(

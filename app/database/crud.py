@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.database.models import DownloadedModel, GeneratedImage, History
+from app.database.models import DownloadedModel, GeneratedImage, History, LoRA
 
 # --- models -----------------------------------------------------------------------------
 
@@ -76,3 +76,55 @@ async def add_images(
     session.add_all(rows)
     await session.flush()
     return rows
+
+
+# --- LoRAs ------------------------------------------------------------------------------
+
+
+async def list_loras(session: AsyncSession) -> Sequence[LoRA]:
+    result = await session.scalars(select(LoRA).order_by(LoRA.id))
+    return result.all()
+
+
+async def get_lora(session: AsyncSession, lora_id: int) -> LoRA | None:
+    return await session.get(LoRA, lora_id)
+
+
+async def get_loras(session: AsyncSession, lora_ids: Sequence[int]) -> dict[int, LoRA]:
+    result = await session.scalars(select(LoRA).where(LoRA.id.in_(lora_ids)))
+    return {row.id: row for row in result.all()}
+
+
+async def get_lora_by_sha256(session: AsyncSession, sha256: str) -> LoRA | None:
+    return await session.scalar(select(LoRA).where(LoRA.sha256 == sha256))
+
+
+async def lora_names_like(session: AsyncSession, stem: str) -> set[str]:
+    result = await session.scalars(select(LoRA.name).where(LoRA.name.startswith(stem)))
+    return set(result.all())
+
+
+async def create_lora(
+    session: AsyncSession,
+    *,
+    name: str,
+    file_path: str,
+    file_size: int,
+    sha256: str,
+    source_path: str,
+) -> LoRA:
+    row = LoRA(
+        name=name,
+        file_path=file_path,
+        file_size=file_size,
+        sha256=sha256,
+        source_path=source_path,
+    )
+    session.add(row)
+    await session.flush()
+    return row
+
+
+async def delete_lora(session: AsyncSession, row: LoRA) -> None:
+    await session.delete(row)
+    await session.flush()

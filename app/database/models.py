@@ -66,3 +66,16 @@ class GeneratedImage(Base, TimestampMixin):
     is_nsfw: Mapped[bool] = mapped_column(default=False, nullable=False)
     seed: Mapped[int | None] = mapped_column(Integer, nullable=True)
     history: Mapped[History] = relationship(back_populates="generated_images")
+
+
+class LoRA(Base, TimestampMixin):
+    """A LoRA file copied into ``<cache>/loras``; the user's original is never touched."""
+
+    __tablename__ = "loras"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True, nullable=False)
+    file_path: Mapped[str] = mapped_column(Text, nullable=False)
+    file_size: Mapped[int] = mapped_column(Integer, nullable=False)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    source_path: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -15,7 +15,7 @@ from typing import IO, Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from app.config import Settings
+from app.config import EMBEDDED_MODEL_ID, Settings
 
 GENERATED_IMAGES_URL_PREFIX = "static/generated_images"
 TEMP_PREFIX = ".tmp-"
@@ -53,6 +53,10 @@ class Storage:
 
     def model_dir_for(self, model_id: str) -> Path:
         return self.models_dir / model_id.replace("/", "--")
+
+    @property
+    def embedded_model_dir(self) -> Path:
+        return self.model_dir_for(EMBEDDED_MODEL_ID)
 
     # --- LoRAs (names from Plan 006) ---
 

@@ -45,6 +45,16 @@ class DiffusionParams:
 
 
 @dataclass(frozen=True)
+class AdapterSpec:
+    """A LoRA to load as adapter ``adapter_name``; ``display_name`` is for the logs."""
+
+    adapter_name: str
+    display_name: str
+    path: str
+    weight: float
+
+
+@dataclass(frozen=True)
 class GenerationOutput:
     images: list[Image.Image]
     nsfw: list[bool]
@@ -160,6 +170,35 @@ class PipelineManager:
         self.img2img.scheduler = params.scheduler
         kwargs = self._common_kwargs(params) | {"image": images, "strength": strength}
         return self._run(self.img2img, kwargs)
+
+    def load_loras(self, adapters: list[AdapterSpec]) -> None:
+        """Load each LoRA as its own adapter and activate them all with their weights.
+
+        Callers check compatibility first (diffusers leaves a half-loaded adapter behind on
+        a shape mismatch) and call ``unload_loras`` in a ``finally``; a failure part-way
+        unloads what was loaded before re-raising.
+        """
+        try:
+            for adapter in adapters:
+                logger.info(
+                    "Loading LoRA '%s' as %s (weight %s)",
+                    adapter.display_name,
+                    adapter.adapter_name,
+                    adapter.weight,
+                )
+                self.pipeline.load_lora_weights(adapter.path, adapter_name=adapter.adapter_name)
+            self.pipeline.set_adapters(
+                [a.adapter_name for a in adapters], adapter_weights=[a.weight for a in adapters]
+            )
+        except BaseException:
+            self.unload_loras()
+            raise
+        logger.info("Loaded %d LoRA(s)", len(adapters))
+
+    def unload_loras(self) -> None:
+        """Remove every adapter: the modules are the base model's own again."""
+        self.pipeline.unload_lora_weights()
+        logger.info("Unloaded all LoRAs")
 
     def close(self) -> None:
         """Drop every reference to the weights and give the memory back."""

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
 from app.cores.model_manager.pipeline_manager import (
+    AdapterSpec,
     DiffusionParams,
     GenerationOutput,
     PipelineManager,
 )
+from app.exceptions import BadRequestError
 from app.features.config.upscalers import PIL_RESAMPLING
 from app.features.generators.previews import latents_to_preview_pngs
 from app.features.generators.samplers import make_scheduler
 from app.features.generators.schemas import GeneratorConfig
+from app.features.loras.lora_inspector import InvalidLoRAError, check_lora_fits_pipeline
 from app.services.events import EventEmitter
 
 PHASE_IMAGE_GENERATION = "image_generation"
@@ -27,10 +31,26 @@ def round_to_latent_grid(size: int) -> int:
     return max(64, size - size % 8)
 
 
+class LoRAIncompatibleError(BadRequestError):
+    """A requested LoRA does not fit the loaded model."""
+
+
+@dataclass(frozen=True)
+class PlannedLoRA:
+    id: int
+    name: str
+    path: Path
+    weight: float
+
+    def adapter(self) -> AdapterSpec:
+        return AdapterSpec(f"lora_{self.id}", self.name, str(self.path), self.weight)
+
+
 @dataclass(frozen=True)
 class GenerationPlan:
     config: GeneratorConfig
     seeds: list[int]
+    loras: tuple[PlannedLoRA, ...] = ()
 
     @property
     def phases(self) -> list[str]:
@@ -49,7 +69,7 @@ def _params(pipeline: PipelineManager, plan: GenerationPlan, steps: int) -> Diff
         clip_skip=config.clip_skip,
         seeds=plan.seeds,
         # A fresh scheduler per pass: schedulers keep per-run state.
-        scheduler=make_scheduler(config.sampler, pipeline.scheduler_config),
+        scheduler=make_scheduler(config.sampler, pipeline.scheduler_config, noise_seed=plan.seeds),
     )
 
 
@@ -86,6 +106,24 @@ def _hires_pass(
 
 
 def run_generation(
+    pipeline: PipelineManager, plan: GenerationPlan, events: EventEmitter
+) -> GenerationOutput:
+    """Generate with the plan's LoRAs loaded; they are unloaded whatever happens."""
+    for lora in plan.loras:  # every LoRA is checked before the pipeline is touched
+        try:
+            check_lora_fits_pipeline(lora.path, pipeline.pipeline, lora.name)
+        except InvalidLoRAError as error:
+            raise LoRAIncompatibleError(str(error)) from error
+    if not plan.loras:
+        return _generate(pipeline, plan, events)
+    try:
+        pipeline.load_loras([lora.adapter() for lora in plan.loras])
+        return _generate(pipeline, plan, events)
+    finally:
+        pipeline.unload_loras()
+
+
+def _generate(
     pipeline: PipelineManager, plan: GenerationPlan, events: EventEmitter
 ) -> GenerationOutput:
     config = plan.config

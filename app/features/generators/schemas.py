@@ -1,9 +1,10 @@
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from app.features.config.upscalers import Upscaler
 from app.features.generators.samplers import Sampler
+from app.features.loras.schemas import MAX_LORAS_PER_GENERATION, LoRAConfigItem
 
 DEFAULT_NEGATIVE_PROMPT = (
     "worst quality, low quality, normal quality, lowres, blurry, jpeg artifacts, watermark, "
@@ -11,11 +12,6 @@ DEFAULT_NEGATIVE_PROMPT = (
 )
 MAX_SIDE = 2048
 MAX_IMAGES = 16
-
-
-class LoRAConfigItem(BaseModel):
-    lora_id: int
-    weight: float = Field(default=1.0, ge=0.0, le=2.0)
 
 
 class HiresFixConfig(BaseModel):
@@ -43,8 +39,17 @@ class GeneratorConfig(BaseModel):
     sampler: Sampler = Sampler.EULER_A
     clip_skip: int = Field(default=1, ge=1, le=12)
     styles: list[str] = Field(default_factory=list, max_length=50)
-    loras: list[LoRAConfigItem] = Field(default_factory=list)
+    loras: list[LoRAConfigItem] = Field(default_factory=list, max_length=MAX_LORAS_PER_GENERATION)
     hires_fix: HiresFixConfig | None = None
+
+    @field_validator("loras")
+    @classmethod
+    def _one_item_per_lora(cls, loras: list[LoRAConfigItem]) -> list[LoRAConfigItem]:
+        ids = [item.lora_id for item in loras]
+        repeated = sorted({lora_id for lora_id in ids if ids.count(lora_id) > 1})
+        if repeated:
+            raise ValueError(f"each LoRA may appear once; repeated lora_id: {repeated}")
+        return loras
 
 
 class GenerateRequest(BaseModel):

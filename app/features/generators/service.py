@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
+from collections.abc import Iterator
 from functools import partial
 
 import anyio.to_thread
@@ -12,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.cores.model_manager.model_manager import ModelManager
 from app.cores.model_manager.pipeline_manager import GenerationOutput
-from app.database import crud
+from app.database import crud, hooks
 from app.exceptions import AppError, BadRequestError, NotFoundError
 from app.features.config.upscalers import PIL_RESAMPLING
 from app.features.generators.infotext import build_infotext, png_info
@@ -20,6 +22,7 @@ from app.features.generators.runner import (
     PHASE_COMPLETED,
     PHASE_IMAGE_GENERATION,
     GenerationPlan,
+    PlannedLoRA,
     run_generation,
 )
 from app.features.generators.samplers import SamplerInfo, list_samplers
@@ -29,6 +32,9 @@ from app.features.generators.schemas import (
     GenerateResponse,
     GeneratorConfig,
 )
+from app.features.loras import file_manager
+from app.features.loras import service as loras_service
+from app.features.loras.service import LoRASelection
 from app.services.events import EventEmitter
 from app.services.storage import Storage
 
@@ -74,6 +80,44 @@ def _save_images(
     return items
 
 
+@contextlib.contextmanager
+def _pinned(storage: Storage, selections: list[LoRASelection]) -> Iterator[tuple[PlannedLoRA, ...]]:
+    """Hard links to the LoRA files, so that deleting a LoRA cannot break this generation."""
+    try:
+        with file_manager.pinned_copies(
+            storage.get_loras_dir(), [s.file_path for s in selections]
+        ) as paths:
+            yield tuple(
+                PlannedLoRA(s.id, s.name, path, s.weight)
+                for s, path in zip(selections, paths, strict=True)
+            )
+    except FileNotFoundError as error:
+        missing = next((s for s in selections if not s.file_path.is_file()), None)
+        name = f"'{missing.name}' (id {missing.id})" if missing else "a requested LoRA"
+        raise BadRequestError(
+            f"The file of LoRA {name} is missing; delete the LoRA and add it again."
+        ) from error
+
+
+async def _run(
+    models: ModelManager, events: EventEmitter, plan: GenerationPlan
+) -> GenerationOutput:
+    events.emit("generation_phase", {"phases": plan.phases, "current": PHASE_IMAGE_GENERATION})
+    try:
+        return await models.run(partial(run_generation, plan=plan, events=events))
+    except AppError:
+        raise
+    except torch.OutOfMemoryError as error:
+        raise GenerationError(
+            "Out of memory while generating. Try fewer or smaller images."
+        ) from error
+    except (RuntimeError, ValueError, KeyError) as error:
+        logger.exception("Generation failed")
+        raise GenerationError(f"Generation failed: {error}") from error
+    finally:
+        events.emit("generation_phase", {"phases": plan.phases, "current": PHASE_COMPLETED})
+
+
 async def generate(
     session: AsyncSession,
     models: ModelManager,
@@ -86,35 +130,20 @@ async def generate(
         raise NotFoundError(f"History {request.history_id} not found")
     config = request.config
     _check_supported(config)
-    plan = GenerationPlan(config=config, seeds=_seeds(config))
-    events.emit("generation_phase", {"phases": plan.phases, "current": PHASE_IMAGE_GENERATION})
-    try:
-        output = await models.run(partial(run_generation, plan=plan, events=events))
-    except AppError:
-        raise
-    except torch.OutOfMemoryError as error:
-        raise GenerationError(
-            "Out of memory while generating. Try fewer or smaller images."
-        ) from error
-    except (RuntimeError, ValueError) as error:
-        logger.exception("Generation failed")
-        raise GenerationError(f"Generation failed: {error}") from error
-    finally:
-        events.emit("generation_phase", {"phases": plan.phases, "current": PHASE_COMPLETED})
-
+    selections = await loras_service.select_loras(session, config.loras)
+    with _pinned(storage, selections) as loras:
+        plan = GenerationPlan(config=config, seeds=_seeds(config), loras=loras)
+        output = await _run(models, events, plan)
     model = models.loaded_model_id or history.model
     items = await anyio.to_thread.run_sync(_save_images, storage, plan, model, output)
-    try:
-        await crud.add_images(
-            session,
-            history.id,
-            [
-                (i.path, i.file_name, nsfw, seed)
-                for i, nsfw, seed in zip(items, output.nsfw, plan.seeds, strict=True)
-            ],
-        )
-    except BaseException:
-        for item in items:
-            storage.delete_generated_image(item.path)
-        raise
+    for item in items:
+        hooks.after_rollback(session, partial(storage.delete_generated_image, item.path))
+    await crud.add_images(
+        session,
+        history.id,
+        [
+            (i.path, i.file_name, nsfw, seed)
+            for i, nsfw, seed in zip(items, output.nsfw, plan.seeds, strict=True)
+        ],
+    )
     return GenerateResponse(items=items, nsfw_content_detected=output.nsfw, seeds=plan.seeds)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.cores.model_manager.model_manager import ModelManager
-from app.database import crud
+from app.database import crud, hooks
 from app.database.models import History
 from app.exceptions import NoModelLoadedError, NotFoundError
 from app.features.generators.schemas import GeneratorConfig
@@ -42,4 +43,4 @@ async def delete_history(session: AsyncSession, storage: Storage, history_id: in
     paths = [image.path for image in history.generated_images]
     await crud.delete_history(session, history)
     for path in paths:
-        storage.delete_generated_image(path)
+        hooks.after_commit(session, partial(storage.delete_generated_image, path))

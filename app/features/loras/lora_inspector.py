@@ -492,7 +492,7 @@ def _convert_component(
     component: str, state_dict: dict[str, Any], *, keep_text_model: bool
 ) -> dict[str, Any]:
     """Turn one component's keys into the PEFT keys diffusers loads for it."""
-    from diffusers.utils import (
+    from diffusers.utils.state_dict_utils import (
         convert_state_dict_to_diffusers,
         convert_state_dict_to_peft,
         convert_unet_state_dict_to_peft,
@@ -507,8 +507,9 @@ def _convert_component(
             )
         except ValueError as error:
             raise InvalidLoRAError(
-                "diffusers cannot interpret the text-encoder layers of this LoRA "
-                f"({_first_line(error)})."
+                "diffusers cannot tell the key format of the text-encoder layers of this LoRA "
+                f"({_first_line(error)}); it recognises Kohya text-encoder layers only when "
+                "out_proj or MLP layers are among them."
             ) from None
         if not keep_text_model:
             # transformers 5's CLIPTextModel has no `text_model` level; diffusers strips it.
@@ -588,7 +589,7 @@ def check_lora_fits_pipeline(path: Path, pipeline: Any, display_name: str) -> No
                 named = part
             modules_in_file = {key.split(".lora")[0] for key in named}
             total += len(modules_in_file)
-            missing.extend(f"{component_name}: {module}" for module in sorted(modules_in_file))
+            missing.extend(f"{component_name}.{module}" for module in sorted(modules_in_file))
             continue
         try:
             converted = _convert_component(
@@ -604,12 +605,12 @@ def check_lora_fits_pipeline(path: Path, pipeline: Any, display_name: str) -> No
         for module_name, lora in lora_modules.items():
             target = model_modules.get(module_name)
             if target is None:
-                missing.append(f"{component_name}: {module_name}")
+                missing.append(f"{component_name}.{module_name}")
                 continue
-            problem = _shape_problem(module_name, target, lora.tensors)
+            problem = _shape_problem(f"{component_name}.{module_name}", target, lora.tensors)
             if problem is None:
                 continue
-            mismatched.append(f"{component_name}: {problem[0]}")
+            mismatched.append(problem[0])
             if problem[1] is not None:
                 cross_attention.append(problem[1])
 

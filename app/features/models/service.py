@@ -13,7 +13,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import EMBEDDED_MODEL_ID, Settings
 from app.cores.model_manager.device import resolve_device
-from app.cores.model_manager.embedded_model import build_embedded_model
 from app.cores.model_manager.model_manager import ModelManager
 from app.database import crud
 from app.database.models import DownloadedModel
@@ -26,9 +25,8 @@ logger = logging.getLogger(__name__)
 
 
 async def register_embedded_model(session: AsyncSession, storage: Storage) -> DownloadedModel:
-    """Build the embedded model folder if needed (blocking; call from a thread) and list it."""
-    model_dir = build_embedded_model(storage.model_dir_for(EMBEDDED_MODEL_ID))
-    return await crud.upsert_model(session, EMBEDDED_MODEL_ID, str(model_dir))
+    """List the embedded model (its folder is built at start-up, before this runs)."""
+    return await crud.upsert_model(session, EMBEDDED_MODEL_ID, str(storage.embedded_model_dir))
 
 
 async def list_downloaded(session: AsyncSession) -> Sequence[DownloadedModel]:

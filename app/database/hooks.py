@@ -1,0 +1,45 @@
+"""File work tied to the fate of the request's transaction.
+
+A file must disappear only once the row that points at it is gone for good, and a file
+copied for a row that never got committed must not stay behind. Services register such
+work here; ``app.deps.get_session`` runs it after the one commit or rollback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+logger = logging.getLogger(__name__)
+
+Action = Callable[[], None]
+_AFTER_COMMIT = "after_commit"
+_AFTER_ROLLBACK = "after_rollback"
+
+
+def after_commit(session: AsyncSession, action: Action) -> None:
+    session.info.setdefault(_AFTER_COMMIT, []).append(action)
+
+
+def after_rollback(session: AsyncSession, action: Action) -> None:
+    session.info.setdefault(_AFTER_ROLLBACK, []).append(action)
+
+
+def _run(session: AsyncSession, key: str) -> None:
+    actions: list[Action] = session.info.pop(key, [])
+    session.info.pop(_AFTER_ROLLBACK if key == _AFTER_COMMIT else _AFTER_COMMIT, None)
+    for action in actions:
+        try:
+            action()
+        except Exception:  # one failed clean-up must not hide the others
+            logger.exception("Clean-up after %s failed", key)
+
+
+def run_after_commit(session: AsyncSession) -> None:
+    _run(session, _AFTER_COMMIT)
+
+
+def run_after_rollback(session: AsyncSession) -> None:
+    _run(session, _AFTER_ROLLBACK)

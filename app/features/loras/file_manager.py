@@ -1,0 +1,210 @@
+"""LoRA files on disk: checking the user's path, copying it in safely, cleaning up.
+
+The user's original is only ever opened for reading. The copy goes to a temporary file in
+``<cache>/loras`` (hashed while copying, size-limited while copying, fsynced) and is
+validated there, so what is checked is exactly what is kept; it only gets its final name
+once it is complete. A crash at any moment leaves a complete file or a temporary one, and
+temporary files are removed at the next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import shutil
+import stat
+import tempfile
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.exceptions import BadRequestError
+from app.features.loras.lora_inspector import InvalidLoRAError, LoRAInspection, inspect_lora_header
+from app.features.loras.safetensors_file import SafetensorsError, read_header
+
+logger = logging.getLogger(__name__)
+
+LORA_EXTENSION = ".safetensors"
+TEMP_PREFIX = ".tmp-"
+IN_USE_PREFIX = ".inuse-"
+_CHUNK = 1024 * 1024
+_PICKLE_EXTENSIONS = {".ckpt", ".pt", ".bin", ".pth", ".pkl"}
+_UNSAFE_NAME_CHARACTERS = re.compile(r"[^\w.\- ()\[\]]+")
+
+
+class LoRAFileError(BadRequestError):
+    """The file the user chose cannot be used as a LoRA (400, says why and which file)."""
+
+
+@dataclass(frozen=True)
+class StagedLoRA:
+    """A validated copy waiting for its final name."""
+
+    temp_path: Path
+    sha256: str
+    size: int
+    inspection: LoRAInspection
+
+
+def _mb(size: int) -> str:
+    return f"{size / (1024 * 1024):.1f}MB"
+
+
+def check_source(file_path: str, max_size: int) -> Path:
+    """The checks that need no reading: existence, kind, extension, size."""
+    path = Path(file_path).expanduser()
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise LoRAFileError(f"File does not exist: {file_path}") from None
+    except OSError as error:
+        raise LoRAFileError(f"Cannot access {file_path}: {error.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+        raise LoRAFileError(f"Path is not a file ({kind}): {file_path}")
+    suffix = path.suffix.lower()
+    if suffix in _PICKLE_EXTENSIONS:
+        raise LoRAFileError(
+            f"'{path.name}' is a pickle-based file ({suffix}). Only .safetensors LoRA files are "
+            "accepted, because pickle files can run arbitrary code when loaded; convert it "
+            "to .safetensors first."
+        )
+    if suffix != LORA_EXTENSION:
+        raise LoRAFileError(f"File must be a .safetensors file: '{path.name}'")
+    if info.st_size == 0:
+        raise LoRAFileError(f"File is empty: '{path.name}'")
+    if info.st_size > max_size:
+        raise LoRAFileError(
+            f"File size ({_mb(info.st_size)}) of '{path.name}' exceeds limit ({_mb(max_size)})"
+        )
+    return path
+
+
+@contextlib.contextmanager
+def _open_regular_file(path: Path) -> Iterator[int]:
+    # O_NONBLOCK: a FIFO swapped in after the stat check must not hang the request.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise LoRAFileError(f"Path is not a file: {path}")
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _copy_hashing(source: Path, target_fd: int, max_size: int) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    copied = 0
+    with _open_regular_file(source) as source_fd:
+        while chunk := os.read(source_fd, _CHUNK):
+            copied += len(chunk)
+            if copied > max_size:  # the file grew after the size check
+                raise LoRAFileError(f"File '{source.name}' exceeds limit ({_mb(max_size)})")
+            digest.update(chunk)
+            os.write(target_fd, chunk)
+    os.fsync(target_fd)
+    if copied == 0:
+        raise LoRAFileError(f"File is empty: '{source.name}'")
+    return digest.hexdigest(), copied
+
+
+def _validate_copy(copy: Path, display: str) -> LoRAInspection:
+    try:
+        header = read_header(copy)
+    except SafetensorsError as error:
+        raise LoRAFileError(f"'{display}' is not a valid safetensors file: {error}") from None
+    try:
+        return inspect_lora_header(header)
+    except InvalidLoRAError as error:
+        raise LoRAFileError(f"'{display}' cannot be used as a LoRA: {error}") from None
+
+
+def stage_copy(source: Path, loras_dir: Path, max_size: int) -> StagedLoRA:
+    """Copy ``source`` into ``loras_dir`` under a temporary name and validate the copy."""
+    loras_dir.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(dir=loras_dir, prefix=TEMP_PREFIX, suffix=LORA_EXTENSION)
+    temp_path = Path(temp_name)
+    try:
+        try:
+            sha256, size = _copy_hashing(source, fd, max_size)
+        finally:
+            os.close(fd)
+        inspection = _validate_copy(temp_path, source.name)
+    except OSError as error:
+        temp_path.unlink(missing_ok=True)
+        raise LoRAFileError(f"Could not copy '{source.name}': {error.strerror}") from None
+    except BaseException:
+        temp_path.unlink(missing_ok=True)
+        raise
+    return StagedLoRA(temp_path=temp_path, sha256=sha256, size=size, inspection=inspection)
+
+
+def safe_stem(file_name: str) -> str:
+    """A file-system-safe stem from the user's file name (the display name keeps the original)."""
+    stem = Path(file_name).stem
+    cleaned = _UNSAFE_NAME_CHARACTERS.sub("_", stem).strip(" .") or "lora"
+    return cleaned[:120]
+
+
+def place(staged: StagedLoRA, loras_dir: Path, stem: str) -> Path:
+    """Give the staged copy its final name: ``stem.safetensors``, else ``stem_2``, ``stem_3``..."""
+    for attempt in range(1, 10_000):
+        suffix = "" if attempt == 1 else f"_{attempt}"
+        target = loras_dir / f"{stem}{suffix}{LORA_EXTENSION}"
+        try:
+            os.link(staged.temp_path, target)  # fails if the name is taken: never clobbers
+        except FileExistsError:
+            continue
+        except OSError:  # file systems without hard links
+            if target.exists():
+                continue
+            os.replace(staged.temp_path, target)
+            return target
+        staged.temp_path.unlink()
+        return target
+    raise LoRAFileError(f"Too many LoRA files named '{stem}'")
+
+
+def discard(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def pinned_copies(loras_dir: Path, files: Iterable[Path]) -> Iterator[list[Path]]:
+    """Hard links to ``files`` that outlive a delete of the originals during a generation."""
+    folder = loras_dir / f"{IN_USE_PREFIX}{uuid.uuid4().hex}"
+    folder.mkdir(parents=True)
+    try:
+        pinned = []
+        for index, source in enumerate(files):
+            target = folder / f"{index}{LORA_EXTENSION}"
+            try:
+                os.link(source, target)
+            except FileNotFoundError:
+                raise
+            except OSError:
+                shutil.copyfile(source, target)
+            pinned.append(target)
+        yield pinned
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_orphans(loras_dir: Path, known_files: set[Path]) -> list[Path]:
+    """Delete temporary files, pinned copies and files no row points to; return them."""
+    if not loras_dir.is_dir():
+        return []
+    known = {path.resolve() for path in known_files}
+    removed = []
+    for entry in loras_dir.iterdir():
+        if entry.name.startswith(IN_USE_PREFIX) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+        elif entry.is_file() and entry.resolve() not in known:
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
