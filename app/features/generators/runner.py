@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -94,7 +95,9 @@ def _hires_pass(
     if hires.denoising_strength == 0 or not refine:
         return GenerationOutput(images=upscaled, nsfw=base.nsfw)
     subset = replace(plan, seeds=[plan.seeds[i] for i in refine])
-    params = _params(pipeline, subset, hires.steps or plan.config.steps)
+    # img2img runs int(steps * strength) steps; a small strength must still run one.
+    steps = max(hires.steps or plan.config.steps, math.ceil(1 / hires.denoising_strength))
+    params = _params(pipeline, subset, steps)
     refined = pipeline.image_to_image(
         params, [upscaled[i] for i in refine], hires.denoising_strength
     )

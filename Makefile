@@ -1,0 +1,57 @@
+# Everyday commands. `make run` and `make test` create or reuse the virtual environment .venv.
+#
+# torch: on a machine without an NVIDIA GPU the CPU build of torch 2.13.0 is installed first
+# (never the multi-GB CUDA build). Set TORCH_INDEX_URL to pick a build explicitly, e.g.
+#   make TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 run    (CUDA 12.8)
+#   make TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu run      (CPU, from PyTorch)
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH_VERSION := 2.13.0
+TORCH_INDEX_URL ?=
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install run test lint format typecheck pytest bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	@if [ -n "$(TORCH_INDEX_URL)" ]; then \
+		$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)" --index-url "$(TORCH_INDEX_URL)"; \
+	elif ! $(BIN)/python -c "import torch" 2>/dev/null; then \
+		if command -v nvidia-smi >/dev/null 2>&1; then \
+			echo "NVIDIA GPU found: installing torch $(TORCH_VERSION) with CUDA"; \
+		else \
+			echo "No NVIDIA GPU: installing the CPU build of torch $(TORCH_VERSION)"; \
+		fi; \
+		$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"; \
+	fi
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/uvicorn main:app --host $(HOST) --port $(PORT)
+
+test: lint typecheck pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
