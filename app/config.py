@@ -37,6 +37,15 @@ class Settings(BaseSettings):
         default=EMBEDDED_MODEL_ID, description="Model loaded when the UI asks for no other."
     )
     lora_max_file_size: int = Field(default=500 * MiB, gt=0, description="Upload limit, bytes.")
+    lora_cache_max_count: int = Field(
+        default=16,
+        ge=0,
+        description="LoRAs kept prepared for the loaded model; 0 loads and unloads every "
+        "LoRA through diffusers on every generation (Plan 006's behaviour).",
+    )
+    lora_cache_max_bytes: int = Field(
+        default=2048 * MiB, ge=0, description="Memory the prepared LoRAs may use, bytes."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("device")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.exceptions import AppError
+
+logger = logging.getLogger(__name__)
 
 
 class TrailingSlashMiddleware:
@@ -34,3 +38,9 @@ class TrailingSlashMiddleware:
 async def app_error_handler(_request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, AppError)
     return JSONResponse(status_code=error.status_code, content={"detail": error.detail})
+
+
+async def unexpected_error_handler(request: Request, error: Exception) -> JSONResponse:
+    """A bug or an environment fault: logged in full, answered without internals."""
+    logger.error("Unexpected error on %s %s", request.method, request.url.path, exc_info=error)
+    return JSONResponse(status_code=500, content={"detail": "Internal server error"})

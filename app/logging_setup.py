@@ -8,9 +8,9 @@ import warnings
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s [%(name)s] %(message)s", force=True
-    )
+    # No force=True: a host that configured logging already (uvicorn, pytest) keeps it.
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    logging.getLogger("app").setLevel(level)
     # transformers prints a false "newly initialized" load report and optional-dependency
     # hints (torchvision) on every load; peft repeats "Already found a peft_config".
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

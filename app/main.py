@@ -29,7 +29,7 @@ from app.features.loras.api import router as loras_router
 from app.features.models import service as models_service
 from app.features.models.api import router as models_router
 from app.features.styles.api import router as styles_router
-from app.http import TrailingSlashMiddleware, app_error_handler
+from app.http import TrailingSlashMiddleware, app_error_handler, unexpected_error_handler
 from app.logging_setup import configure_logging
 from app.services.events import EventEmitter
 from app.services.storage import GENERATED_IMAGES_URL_PREFIX, Storage
@@ -53,7 +53,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await session.commit()
     events: EventEmitter = app.state.events
     await events.start()
-    models = ModelManager(events)
+    models = ModelManager(events, settings.lora_cache_max_count, settings.lora_cache_max_bytes)
     models.safety_check_enabled = read_user_config(storage).safety_check_enabled
     app.state.session_factory = session_factory
     app.state.model_manager = models
@@ -85,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.events = EventEmitter(sio)
 
     app.add_exception_handler(AppError, app_error_handler)
+    app.add_exception_handler(Exception, unexpected_error_handler)
     app.add_middleware(
         CORSMiddleware,
         allow_origin_regex=".*",  # any origin, credentials allowed, as the UI expects

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
+import socketio
 import torch
 from diffusers import StableDiffusionPipeline
+from fastapi import FastAPI
 
+from app.config import EMBEDDED_MODEL_ID, Settings
 from app.cores.model_manager.embedded_model import build_embedded_model
+from app.main import create_app
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +32,35 @@ def tiny_pipeline(embedded_model_dir: Path) -> StableDiffusionPipeline:
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+@pytest.fixture
+def settings(tmp_path: Path, embedded_model_dir: Path) -> Settings:
+    """Settings for one test: its own cache folder, with the embedded model pre-copied."""
+    cache = tmp_path / "cache"
+    shutil.copytree(embedded_model_dir, cache / "models" / "embedded--tiny-sd")
+    return Settings(cache_dir=cache)
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[FastAPI]:
+    """The real FastAPI app with its lifespan run: migrated SQLite file, model registered."""
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """HTTP through the full ASGI stack (Socket.IO wrapper, middleware, routes)."""
+    transport = httpx.ASGITransport(app=socketio.ASGIApp(app.state.sio, other_asgi_app=app))
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
+        yield http
+
+
+@pytest.fixture
+async def loaded_client(client: httpx.AsyncClient) -> httpx.AsyncClient:
+    """A client whose backend has the embedded model loaded."""
+    response = await client.post("/models/load", json={"model_id": EMBEDDED_MODEL_ID})
+    assert response.status_code == 200, response.text
+    return client

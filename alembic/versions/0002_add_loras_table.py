@@ -32,6 +32,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("name"),
         sa.UniqueConstraint("sha256"),
+        sqlite_autoincrement=True,
     )
     # ### end Alembic commands ###
 

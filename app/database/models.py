@@ -72,6 +72,8 @@ class LoRA(Base, TimestampMixin):
     """A LoRA file copied into ``<cache>/loras``; the user's original is never touched."""
 
     __tablename__ = "loras"
+    # Never reuse an id: a history entry that names a deleted LoRA must not pick up a new one.
+    __table_args__ = {"sqlite_autoincrement": True}  # noqa: RUF012
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(255), unique=True, nullable=False)

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import anyio.to_thread
 
 from app.cores.model_manager.device import dtype_for
+from app.cores.model_manager.lora_fusion import HarvestCache
 from app.cores.model_manager.pipeline_manager import LoadCancelledError, PipelineManager
 from app.exceptions import AppError, NoModelLoadedError
 from app.services.events import EventEmitter
@@ -43,8 +44,11 @@ class LoadedModel:
 
 
 class ModelManager:
-    def __init__(self, events: EventEmitter) -> None:
+    def __init__(
+        self, events: EventEmitter, lora_cache_max_count: int = 0, lora_cache_max_bytes: int = 0
+    ) -> None:
         self._events = events
+        self._lora_cache_limits = (lora_cache_max_count, lora_cache_max_bytes)
         self._lock = threading.Lock()
         self._pipeline: PipelineManager | None = None
         self._epoch = 0
@@ -143,6 +147,7 @@ class ModelManager:
                     dtype_for(device),
                     progress,
                     should_stop=lambda: epoch != self._epoch,
+                    lora_cache=HarvestCache(*self._lora_cache_limits),
                 )
             except LoadCancelledError:
                 logger.info("Load of %s cancelled by a newer request", model_id)
@@ -158,6 +163,12 @@ class ModelManager:
             logger.info("Loaded %s on %s", model_id, device)
             emit("model_load_completed", {"model_id": model_id})
             return self._describe(pipeline)
+
+    def forget_lora(self, cache_key: str) -> None:
+        """Drop a deleted LoRA's prepared tensors; safe while a generation runs."""
+        pipeline = self._pipeline
+        if pipeline is not None:
+            pipeline.lora_cache.discard(cache_key)
 
     def shutdown(self) -> None:
         self._epoch += 1

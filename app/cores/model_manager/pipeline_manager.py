@@ -6,15 +6,24 @@ Nothing here is thread-safe: every method must be called with the pipeline lock 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
 from PIL import Image
+
+from app.cores.model_manager.lora_fusion import (
+    FusionUnsupportedError,
+    HarvestCache,
+    HarvestedLoRA,
+    fused,
+    harvest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +61,8 @@ class AdapterSpec:
     display_name: str
     path: str
     weight: float
+    cache_key: str
+    """Identifies the file's content (its sha256): a changed file is a different entry."""
 
 
 @dataclass(frozen=True)
@@ -63,10 +74,17 @@ class GenerationOutput:
 class PipelineManager:
     """Owns a text-to-image pipeline and an image-to-image view sharing its components."""
 
-    def __init__(self, pipeline: Any, model_id: str, device: torch.device) -> None:
+    def __init__(
+        self,
+        pipeline: Any,
+        model_id: str,
+        device: torch.device,
+        lora_cache: HarvestCache | None = None,
+    ) -> None:
         self.pipeline = pipeline
         self.model_id = model_id
         self.device = device
+        self.lora_cache = lora_cache or HarvestCache(max_count=0, max_bytes=0)
         # Shares every module with the text-to-image pipeline: no extra memory.
         self.img2img = AutoPipelineForImage2Image.from_pipe(pipeline)
         self.safety_check_enabled = True
@@ -82,6 +100,7 @@ class PipelineManager:
         dtype: torch.dtype,
         progress: ProgressCallback,
         should_stop: Callable[[], bool],
+        lora_cache: HarvestCache | None = None,
     ) -> PipelineManager:
         """Load ``source`` (a diffusers folder) onto ``device``; raises LoadCancelledError."""
 
@@ -103,7 +122,7 @@ class PipelineManager:
         checkpoint(7, "device_setup", "Applying optimisations")
         if device.type == "mps":
             pipeline.enable_attention_slicing()
-        manager = cls(pipeline, model_id, device)
+        manager = cls(pipeline, model_id, device, lora_cache)
         checkpoint(8, "optimization", "Model ready")
         return manager
 
@@ -171,6 +190,61 @@ class PipelineManager:
         kwargs = self._common_kwargs(params) | {"image": images, "strength": strength}
         return self._run(self.img2img, kwargs)
 
+    @contextlib.contextmanager
+    def loras_applied(self, adapters: list[AdapterSpec]) -> Iterator[None]:
+        """Apply ``adapters`` for the duration of the block; afterwards the model is the base
+        model again, bit for bit, whether the block succeeded or raised.
+
+        With the LoRA cache enabled each LoRA is prepared once per model and fused per
+        request (see ``lora_fusion``); with it disabled, or for LoRAs the fast path cannot
+        fuse, they load as PEFT adapters and are unloaded afterwards (Plan 006).
+        """
+        if not adapters:
+            yield
+            return
+        harvested = self._prepared(adapters) if self.lora_cache.enabled else None
+        if harvested is None:
+            try:
+                self.load_loras(adapters)
+                yield
+            finally:
+                self.unload_loras()
+            return
+        for adapter in adapters:
+            logger.info(
+                "Applying LoRA '%s' as %s (weight %s)",
+                adapter.display_name,
+                adapter.adapter_name,
+                adapter.weight,
+            )
+        pairs = [
+            (entry, adapter.weight) for entry, adapter in zip(harvested, adapters, strict=True)
+        ]
+        with fused(self.pipeline, pairs) as changed:
+            logger.info("Fused %d LoRA(s) into %d tensors", len(adapters), changed)
+            yield
+        logger.info("Restored the base weights")
+
+    def _prepared(self, adapters: list[AdapterSpec]) -> list[HarvestedLoRA] | None:
+        """The harvested form of every adapter, or None if one cannot be fused."""
+        keep = {adapter.cache_key for adapter in adapters}
+        prepared = []
+        for adapter in adapters:
+            entry = self.lora_cache.get(adapter.cache_key)
+            if entry is None:
+                try:
+                    entry = harvest(self.pipeline, adapter.path, adapter.cache_key)
+                except FusionUnsupportedError as reason:
+                    logger.info(
+                        "LoRA '%s' has %s: applying it as an unfused adapter",
+                        adapter.display_name,
+                        reason,
+                    )
+                    return None
+                self.lora_cache.put(entry, keep)
+            prepared.append(entry)
+        return prepared
+
     def load_loras(self, adapters: list[AdapterSpec]) -> None:
         """Load each LoRA as its own adapter and activate them all with their weights.
 
@@ -204,6 +278,7 @@ class PipelineManager:
         """Drop every reference to the weights and give the memory back."""
         self.pipeline = None
         self.img2img = None
+        self.lora_cache.clear()
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

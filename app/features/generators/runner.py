@@ -42,9 +42,10 @@ class PlannedLoRA:
     name: str
     path: Path
     weight: float
+    sha256: str
 
     def adapter(self) -> AdapterSpec:
-        return AdapterSpec(f"lora_{self.id}", self.name, str(self.path), self.weight)
+        return AdapterSpec(f"lora_{self.id}", self.name, str(self.path), self.weight, self.sha256)
 
 
 @dataclass(frozen=True)
@@ -117,13 +118,8 @@ def run_generation(
             check_lora_fits_pipeline(lora.path, pipeline.pipeline, lora.name)
         except InvalidLoRAError as error:
             raise LoRAIncompatibleError(str(error)) from error
-    if not plan.loras:
+    with pipeline.loras_applied([lora.adapter() for lora in plan.loras]):
         return _generate(pipeline, plan, events)
-    try:
-        pipeline.load_loras([lora.adapter() for lora in plan.loras])
-        return _generate(pipeline, plan, events)
-    finally:
-        pipeline.unload_loras()
 
 
 def _generate(

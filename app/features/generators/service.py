@@ -88,7 +88,7 @@ def _pinned(storage: Storage, selections: list[LoRASelection]) -> Iterator[tuple
             storage.get_loras_dir(), [s.file_path for s in selections]
         ) as paths:
             yield tuple(
-                PlannedLoRA(s.id, s.name, path, s.weight)
+                PlannedLoRA(s.id, s.name, path, s.weight, s.sha256)
                 for s, path in zip(selections, paths, strict=True)
             )
     except FileNotFoundError as error:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from app.deps import SessionDep, SettingsDep, StorageDep
+from app.deps import ModelManagerDep, SessionDep, SettingsDep, StorageDep
 from app.features.loras import service
 from app.features.loras.schemas import (
     LoRADeleteResponse,
@@ -35,7 +35,9 @@ async def get_lora(lora_id: int, session: SessionDep) -> LoRAInfo:
 
 
 @router.delete("/{lora_id}")
-async def delete_lora(lora_id: int, session: SessionDep) -> LoRADeleteResponse:
+async def delete_lora(
+    lora_id: int, session: SessionDep, models: ModelManagerDep
+) -> LoRADeleteResponse:
     """Delete a LoRA's record and its stored file."""
-    await service.delete_lora(session, lora_id)
+    await service.delete_lora(session, models, lora_id)
     return LoRADeleteResponse(id=lora_id, message=f"LoRA {lora_id} deleted successfully")

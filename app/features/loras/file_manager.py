@@ -116,7 +116,12 @@ def _validate_copy(copy: Path, display: str) -> LoRAInspection:
     try:
         header = read_header(copy)
     except SafetensorsError as error:
-        raise LoRAFileError(f"'{display}' is not a valid safetensors file: {error}") from None
+        # read_header names the file it read, the temporary copy; the user knows theirs. Its
+        # messages start with that name and say what is wrong.
+        reason = str(error).replace(f"'{copy.name}'", f"'{display}'")
+        if f"'{display}'" not in reason:
+            reason = f"'{display}' is not a valid safetensors file: {reason}"
+        raise LoRAFileError(reason) from None
     try:
         return inspect_lora_header(header)
     except InvalidLoRAError as error:

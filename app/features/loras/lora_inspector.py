@@ -528,7 +528,7 @@ def _convert_component(
 @dataclass
 class _LoRAModule:
     tensors: dict[str, Any] = field(default_factory=dict)
-    """suffix after '.lora' (``_A.weight``, ``_B.weight``, ...) -> tensor."""
+    """role (``A``, ``B``, ``bias``, ``magnitude``) -> tensor."""
 
 
 _PEFT_SUFFIXES = {
@@ -550,6 +550,12 @@ def check_lora_fits_pipeline(path: Path, pipeline: Any, display_name: str) -> No
     except (SafetensorsError, InvalidLoRAError) as error:
         raise InvalidLoRAError(f"{label} cannot be used: {error}") from None
 
+    if not hasattr(type(pipeline), "lora_state_dict"):
+        raise IncompatibleLoRAError(
+            f"{label} cannot be used: the loaded model does not support LoRAs.",
+            display_name=display_name,
+            total_layers=0,
+        )
     try:
         state_dict, network_alphas, metadata = type(pipeline).lora_state_dict(
             str(path), use_safetensors=True, return_lora_metadata=True

@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
+from app.cores.model_manager.model_manager import ModelManager
 from app.database import crud, hooks
 from app.database.models import LoRA
 from app.exceptions import BadRequestError, ConflictError, NotFoundError
@@ -21,6 +22,8 @@ from app.features.loras.schemas import LoRAConfigItem, LoRAInfo
 from app.services.storage import Storage
 
 logger = logging.getLogger(__name__)
+
+_CREATE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class LoRASelection:
     name: str
     file_path: Path
     weight: float
+    sha256: str
 
     @property
     def adapter_name(self) -> str:
@@ -83,22 +87,7 @@ async def upload_lora(
         file_manager.discard(staged.temp_path)
     # From here the copy lives or dies with the row: removed if the transaction fails.
     hooks.after_rollback(session, partial(file_manager.discard, stored))
-    try:
-        row = await crud.create_lora(
-            session,
-            name=await _display_name(session, source.stem),
-            file_path=str(stored.resolve()),
-            file_size=staged.size,
-            sha256=staged.sha256,
-            source_path=str(source),
-        )
-    except IntegrityError:
-        # The same content was added by a concurrent request a moment ago.
-        await session.rollback()
-        raced = await crud.get_lora_by_sha256(session, staged.sha256)
-        raise ConflictError(
-            _duplicate_message(raced) if raced else "This file is already added."
-        ) from None
+    row = await _create_row(session, source, str(stored.resolve()), staged)
     logger.info(
         "Added LoRA '%s' (id %d, %s, %s) from %s",
         row.name,
@@ -108,6 +97,32 @@ async def upload_lora(
         source,
     )
     return to_info(row)
+
+
+async def _create_row(
+    session: AsyncSession, source: Path, file_path: str, staged: file_manager.StagedLoRA
+) -> LoRA:
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            return await crud.create_lora(
+                session,
+                name=await _display_name(session, source.stem),
+                file_path=file_path,
+                file_size=staged.size,
+                sha256=staged.sha256,
+                source_path=str(source),
+            )
+        except IntegrityError:
+            # A concurrent request committed the same content (409), or took the same display
+            # name (choose again); anything else is a real database fault (500).
+            await session.rollback()
+            raced = await crud.get_lora_by_sha256(session, staged.sha256)
+            if raced is not None:
+                raise ConflictError(_duplicate_message(raced)) from None
+            if attempts >= _CREATE_ATTEMPTS:
+                raise
 
 
 async def list_loras(session: AsyncSession) -> list[LoRAInfo]:
@@ -122,13 +137,14 @@ async def get_lora(session: AsyncSession, lora_id: int) -> LoRAInfo:
     return to_info(row)
 
 
-async def delete_lora(session: AsyncSession, lora_id: int) -> None:
+async def delete_lora(session: AsyncSession, models: ModelManager, lora_id: int) -> None:
     row = await crud.get_lora(session, lora_id)
     if row is None:
         raise NotFoundError(f"LoRA with id {lora_id} does not exist.")
     await crud.delete_lora(session, row)
     # A generation using it holds its own hard link (file_manager.pinned_copies).
     hooks.after_commit(session, partial(file_manager.discard, Path(row.file_path)))
+    hooks.after_commit(session, partial(models.forget_lora, row.sha256))
     logger.info("Deleted LoRA '%s' (id %d)", row.name, row.id)
 
 
@@ -144,7 +160,9 @@ async def select_loras(
         row = rows.get(item.lora_id)
         if row is None:
             raise BadRequestError(f"LoRA with id {item.lora_id} not found")
-        selections.append(LoRASelection(row.id, row.name, Path(row.file_path), item.weight))
+        selections.append(
+            LoRASelection(row.id, row.name, Path(row.file_path), item.weight, row.sha256)
+        )
     return selections
 
 

@@ -6,8 +6,8 @@ import copy
 import logging
 import re
 import warnings
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -16,6 +16,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from app.features.generators.samplers import Sampler, list_samplers, make_scheduler
+
+_Decorated = TypeVar("_Decorated", bound=Callable[..., None])
 
 EXPECTED_VALUES = [
     "EULER_A",
@@ -57,6 +59,26 @@ EXPECTED_NAMES = [
     "LCM",
     "TCD",
 ]
+EXPECTED_CLASSES = {
+    Sampler.EULER_A: "EulerAncestralDiscreteScheduler",
+    Sampler.KDPM2_A: "KDPM2AncestralDiscreteScheduler",
+    Sampler.EULER: "EulerDiscreteScheduler",
+    Sampler.DDIM: "DDIMScheduler",
+    Sampler.LMS: "LMSDiscreteScheduler",
+    Sampler.PNDM: "PNDMScheduler",
+    Sampler.DPM_SOLVER_MULTISTEP: "DPMSolverMultistepScheduler",
+    Sampler.DPM_SOLVER_MULTISTEP_KARRAS: "DPMSolverMultistepScheduler",
+    Sampler.DPM_SOLVER_SINGLESTEP: "DPMSolverSinglestepScheduler",
+    Sampler.DPM_SOLVER_SDE: "DPMSolverSDEScheduler",
+    Sampler.DPM_SOLVER_SDE_KARRAS: "DPMSolverSDEScheduler",
+    Sampler.DDPMS: "DDPMScheduler",
+    Sampler.UniPC: "UniPCMultistepScheduler",
+    Sampler.DEIS: "DEISMultistepScheduler",
+    Sampler.KDPM2: "KDPM2DiscreteScheduler",
+    Sampler.HEUN: "HeunDiscreteScheduler",
+    Sampler.LCM: "LCMScheduler",
+    Sampler.TCD: "TCDScheduler",
+}
 KARRAS_PAIRS = [
     (Sampler.DPM_SOLVER_MULTISTEP_KARRAS, Sampler.DPM_SOLVER_MULTISTEP),
     (Sampler.DPM_SOLVER_SDE_KARRAS, Sampler.DPM_SOLVER_SDE),
@@ -70,6 +92,13 @@ UPSTREAM_WARNINGS = [
     (DeprecationWarning, r"__array_wrap__ must accept context and return_scalar"),
     (UserWarning, r"Should have ta>=t0 but got"),
 ]
+
+
+def _ignore_upstream_warnings(test: _Decorated) -> _Decorated:
+    """For tests that do not check warnings themselves: keep the known ones out of the report."""
+    for category, pattern in UPSTREAM_WARNINGS:
+        test = pytest.mark.filterwarnings(f"ignore:{pattern}:{category.__name__}")(test)
+    return test
 
 
 def _generate(
@@ -120,6 +149,7 @@ def test_every_sampler_generates_an_image(
         tiny_pipeline.scheduler = make_scheduler(sampler, tiny_pipeline.scheduler.config)
         image = _generate(tiny_pipeline)
 
+    assert type(tiny_pipeline.scheduler).__name__ == EXPECTED_CLASSES[sampler]
     assert image.shape == (64, 64, 3)
     assert np.isfinite(image).all()
     assert image.std() > 0.01
@@ -152,6 +182,25 @@ def test_karras_variants_use_karras_sigmas(
     assert not torch.allclose(karras_scheduler.sigmas, plain_scheduler.sigmas)
 
 
+@pytest.mark.parametrize(
+    ("sampler", "key", "value"),
+    [
+        # Clipping the predicted sample to [-1, 1] is for pixel-space models, not SD latents.
+        (Sampler.DDIM, "clip_sample", False),
+        (Sampler.DDPMS, "clip_sample", False),
+        # PLMS as SD runs it, without the Runge-Kutta warm-up steps.
+        (Sampler.PNDM, "skip_prk_steps", True),
+        (Sampler.DPM_SOLVER_SINGLESTEP, "lower_order_final", True),
+        (Sampler.DPM_SOLVER_MULTISTEP, "algorithm_type", "dpmsolver++"),
+    ],
+)
+def test_stable_diffusion_overrides(
+    sampler: Sampler, key: str, value: object, tiny_pipeline: StableDiffusionPipeline
+) -> None:
+    scheduler = make_scheduler(sampler, tiny_pipeline.scheduler.config)
+    assert scheduler.config[key] == value
+
+
 def test_plain_variant_overrides_karras_in_the_model_config(
     tiny_pipeline: StableDiffusionPipeline,
 ) -> None:
@@ -160,6 +209,7 @@ def test_plain_variant_overrides_karras_in_the_model_config(
     assert scheduler.config.use_karras_sigmas is False
 
 
+@_ignore_upstream_warnings
 def test_base_config_is_not_changed(tiny_pipeline: StableDiffusionPipeline) -> None:
     frozen = tiny_pipeline.scheduler.config
     frozen_before = dict(frozen)
@@ -185,6 +235,7 @@ def test_same_seed_gives_same_pixels(
     assert not np.array_equal(first, other)
 
 
+@_ignore_upstream_warnings
 def test_sde_noise_follows_noise_seed(tiny_pipeline: StableDiffusionPipeline) -> None:
     base = tiny_pipeline.scheduler.config
     images = []
