@@ -80,7 +80,8 @@ def harvest(pipeline: Any, path: str, key: str) -> HarvestedLoRA:
     """Load ``path`` through diffusers, copy its factors out, and remove the adapter again."""
     from peft.tuners.lora import LoraLayer
 
-    pipeline.load_lora_weights(path, adapter_name=_HARVEST_ADAPTER)
+    # use_safetensors: never fall back to diffusers' pickle loader.
+    pipeline.load_lora_weights(path, adapter_name=_HARVEST_ADAPTER, use_safetensors=True)
     try:
         layers: dict[tuple[str, str], LayerFactors] = {}
         for component_name, component in lora_components(pipeline).items():

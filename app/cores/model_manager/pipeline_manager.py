@@ -260,7 +260,9 @@ class PipelineManager:
                     adapter.adapter_name,
                     adapter.weight,
                 )
-                self.pipeline.load_lora_weights(adapter.path, adapter_name=adapter.adapter_name)
+                self.pipeline.load_lora_weights(
+                    adapter.path, adapter_name=adapter.adapter_name, use_safetensors=True
+                )
             self.pipeline.set_adapters(
                 [a.adapter_name for a in adapters], adapter_weights=[a.weight for a in adapters]
             )
