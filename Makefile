@@ -11,8 +11,6 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 TORCH_INDEX_URL ?=
-HOST ?= 127.0.0.1
-PORT ?= 8000
 
 .PHONY: install run test lint format typecheck pytest bench clean
 
@@ -34,8 +32,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	@touch $(STAMP)
 
+# Host and port come from LOCALAI_HOST / LOCALAI_PORT (default 127.0.0.1:8000).
 run: $(STAMP)
-	$(BIN)/uvicorn main:app --host $(HOST) --port $(PORT)
+	$(BIN)/python -m app
 
 test: lint typecheck pytest
 

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -86,7 +86,24 @@ class Settings(BaseSettings):
         return f"sqlite+aiosqlite:///{(self.cache_dir / 'localai.db').resolve()}"
 
 
+class ConfigurationError(SystemExit):
+    """Bad settings: stops the process with a message naming each bad variable."""
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as error:
+        problems = [
+            f"  LOCALAI_{'_'.join(str(part) for part in item['loc']).upper()}: {item['msg']}"
+            for item in error.errors()
+        ]
+        raise ConfigurationError(
+            "Invalid settings in the environment:\n" + "\n".join(problems)
+        ) from None
+
+
 @lru_cache
 def get_settings() -> Settings:
     """Settings read once from the environment."""
-    return Settings()
+    return load_settings()
