@@ -297,3 +297,30 @@ async def test_deleting_a_lora_during_its_generation_breaks_nothing(
     leftovers = [p.name for p in settings.loras_dir.iterdir() if p.name.startswith(".")]
     assert leftovers == []
     assert (await pipeline_state(app))[1] == 0
+
+
+async def test_a_cancelled_generation_still_restores_the_base_model(
+    app: FastAPI, loaded_client: httpx.AsyncClient, lora_ids: list[int], settings: Any
+) -> None:
+    before = await pipeline_state(app)
+    generation = asyncio.create_task(
+        generate(
+            loaded_client,
+            [{"lora_id": lora_id, "weight": 1.0} for lora_id in lora_ids[:3]],
+            steps=40,
+            width=128,
+            height=128,
+        )
+    )
+    lock = app.state.model_manager._lock
+    for _ in range(3000):
+        if lock.locked():
+            break
+        await asyncio.sleep(0.01)
+    generation.cancel()  # the client went away in the middle of the generation
+    with pytest.raises(asyncio.CancelledError):
+        await generation
+    # pipeline_state waits for the lock: the worker finished and cleaned up first.
+    assert await pipeline_state(app) == before
+    assert [p.name for p in settings.loras_dir.iterdir() if p.name.startswith(".")] == []
+    assert list(settings.generated_images_dir.iterdir()) == []
