@@ -3,7 +3,8 @@
 Shared state is created in the app's lifespan and kept on ``app.state``; these aliases hand it
 to routes. ``SessionDep`` opens one session per request and commits it once, after the route
 returns and before the response is sent, or rolls it back if anything raised; then it runs
-the file work registered in ``app.database.hooks``.
+the file work registered in ``app.database.hooks``. The dependencies are ``async`` so that
+they run on the event loop in arrival order instead of hopping through the thread pool.
 """
 
 from __future__ import annotations
@@ -33,22 +34,22 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         hooks.run_after_commit(session)
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_model_manager(request: Request) -> ModelManager:
+async def get_model_manager(request: Request) -> ModelManager:
     manager: ModelManager = request.app.state.model_manager
     return manager
 
 
-def get_storage(request: Request) -> Storage:
+async def get_storage(request: Request) -> Storage:
     storage: Storage = request.app.state.storage
     return storage
 
 
-def get_events(request: Request) -> EventEmitter:
+async def get_events(request: Request) -> EventEmitter:
     events: EventEmitter = request.app.state.events
     return events
 

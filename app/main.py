@@ -47,6 +47,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = create_engine(database_url)
     session_factory = create_session_factory(engine)
     async with session_factory() as session:
+        await anyio.to_thread.run_sync(models_service.remove_trash, storage.models_dir)
         await anyio.to_thread.run_sync(build_embedded_model, storage.embedded_model_dir)
         await models_service.register_embedded_model(session, storage)
         await loras_service.repair_on_startup(session, storage)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.database.models import DownloadedModel, GeneratedImage, History, LoRA
@@ -86,6 +86,31 @@ async def list_loras(session: AsyncSession) -> Sequence[LoRA]:
     return result.all()
 
 
+async def list_loras_by_fit(
+    session: AsyncSession, family: str, *, fits: bool, unknown: str = "unknown"
+) -> Sequence[LoRA]:
+    """LoRAs not known to be made for another family than ``family`` (``fits=True``: same
+    family, unknown, or not yet inspected), or those known to be (``fits=False``)."""
+    same_or_unknown = or_(
+        LoRA.base_model.is_(None), LoRA.base_model == unknown, LoRA.base_model == family
+    )
+    condition = same_or_unknown if fits else ~same_or_unknown
+    result = await session.scalars(select(LoRA).where(condition).order_by(LoRA.id))
+    return result.all()
+
+
+async def loras_without_details(session: AsyncSession) -> Sequence[LoRA]:
+    """Rows added before their details were stored (migration 0003)."""
+    result = await session.scalars(select(LoRA).where(LoRA.format.is_(None)).order_by(LoRA.id))
+    return result.all()
+
+
+async def set_lora_details(session: AsyncSession, row: LoRA, details: Mapping[str, Any]) -> None:
+    for column, value in details.items():
+        setattr(row, column, value)
+    await session.flush()
+
+
 async def get_lora(session: AsyncSession, lora_id: int) -> LoRA | None:
     return await session.get(LoRA, lora_id)
 
@@ -112,13 +137,16 @@ async def create_lora(
     file_size: int,
     sha256: str,
     source_path: str,
+    details: Mapping[str, Any] | None = None,
 ) -> LoRA:
+    """``details``: the extra columns by name (``LoRADetails.columns()``)."""
     row = LoRA(
         name=name,
         file_path=file_path,
         file_size=file_size,
         sha256=sha256,
         source_path=source_path,
+        **dict(details or {}),
     )
     session.add(row)
     await session.flush()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -81,3 +81,24 @@ class LoRA(Base, TimestampMixin):
     file_size: Mapped[int] = mapped_column(Integer, nullable=False)
     sha256: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
     source_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # What the file is (migration 0003; see app.features.loras.metadata). All nullable: rows
+    # added before 0003 get them filled in at the next start.
+    format: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    components: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    network_type: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    rank: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    rank_max: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    alpha: Mapped[float | None] = mapped_column(Float, nullable=True)
+    base_model: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    base_model_evidence: Mapped[str | None] = mapped_column(Text, nullable=True)
+    base_model_metadata: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    base_model_metadata_source: Mapped[str | None] = mapped_column(Text, nullable=True)
+    base_model_conflict: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    base_model_note: Mapped[str | None] = mapped_column(Text, nullable=True)
+    trigger_words: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    title: Mapped[str | None] = mapped_column(Text, nullable=True)
+    description: Mapped[str | None] = mapped_column(Text, nullable=True)
+    author: Mapped[str | None] = mapped_column(Text, nullable=True)
+    raw_metadata: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
+    metadata_truncated: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    tensor_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)

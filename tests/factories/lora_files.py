@@ -24,6 +24,10 @@ Formats:
   ``...mlp.fc1.lora_linear_layer.down.weight``. Alpha is always the rank.
 
 The bad-file writers at the end produce what users really upload by mistake.
+
+LoRAs shaped for real model families (SD 1.x/2.x, SDXL, SD3, FLUX.1; realistic key names and
+widths, rank 1, a few layers) for base-model detection are in ``family_loras``:
+:func:`write_family_lora` is re-exported here.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from typing import Any, Literal
 
 import torch
 from safetensors.torch import save_file
+
+from tests.factories.family_loras import write_family_lora as write_family_lora
 
 LoRAFileFormat = Literal["kohya", "peft", "diffusers_legacy"]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -23,6 +23,7 @@ import anyio.to_thread
 
 from app.cores.model_manager.device import dtype_for
 from app.cores.model_manager.lora_fusion import HarvestCache
+from app.cores.model_manager.model_family import ModelFamily
 from app.cores.model_manager.pipeline_manager import LoadCancelledError, PipelineManager
 from app.exceptions import AppError, NoModelLoadedError
 from app.services.events import EventEmitter
@@ -61,13 +62,32 @@ class ModelManager:
         return pipeline.model_id if pipeline is not None else None
 
     @property
+    def loaded_family(self) -> ModelFamily | None:
+        """The loaded model's family (None when no model is loaded); read without the lock,
+        so a generation must check again under it."""
+        pipeline = self._pipeline
+        return pipeline.family if pipeline is not None else None
+
+    @property
+    def loaded_model_hash(self) -> str | None:
+        pipeline = self._pipeline
+        return pipeline.model_hash if pipeline is not None else None
+
+    @property
     def loading_model_id(self) -> str | None:
         return self._loading_model_id
 
     async def load(
-        self, model_id: str, source: str, device_for_load: Callable[[], Any]
+        self,
+        model_id: str,
+        resolve_source: Callable[[], Awaitable[str]],
+        device_for_load: Callable[[], Any],
     ) -> LoadedModel | None:
-        """Load ``model_id`` from ``source``; None when the load was cancelled or duplicated."""
+        """Load ``model_id``; None when the load was cancelled or duplicated (204).
+
+        The request takes its place in the "latest request wins" order on arrival, before
+        ``resolve_source`` looks the model up, so that an unload sent right after it wins.
+        """
         if self._loading_model_id == model_id:
             return None
         current = self._pipeline
@@ -78,6 +98,9 @@ class ModelManager:
         epoch = self._epoch
         self._loading_model_id = model_id
         try:
+            source = await resolve_source()
+            if epoch != self._epoch:
+                return None
             return await anyio.to_thread.run_sync(
                 self._load_blocking, model_id, source, epoch, device_for_load
             )

@@ -11,6 +11,7 @@ import gc
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +25,8 @@ from app.cores.model_manager.lora_fusion import (
     fused,
     harvest,
 )
+from app.cores.model_manager.model_family import ModelFamily, family_of_pipeline
+from app.cores.model_manager.model_hash import model_hash as hash_model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -80,10 +83,15 @@ class PipelineManager:
         model_id: str,
         device: torch.device,
         lora_cache: HarvestCache | None = None,
+        model_hash: str | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.model_id = model_id
         self.device = device
+        self.family: ModelFamily = family_of_pipeline(pipeline)
+        """Computed once from the pipeline's configs; LoRAs of another family are refused."""
+        self.model_hash = model_hash
+        """Short hash of the denoiser weights for the PNG infotext (``model_hash``)."""
         self.lora_cache = lora_cache or HarvestCache(max_count=0, max_bytes=0)
         # Shares every module with the text-to-image pipeline: no extra memory.
         self.img2img = AutoPipelineForImage2Image.from_pipe(pipeline)
@@ -117,12 +125,14 @@ class PipelineManager:
             source, dtype=dtype, local_files_only=True
         )
         checkpoint(5, "loading_model", "Model weights loaded")
+        short_hash = hash_model_folder(Path(source))
         checkpoint(6, "device_setup", f"Moving the model to {device}")
         pipeline.to(device)
         checkpoint(7, "device_setup", "Applying optimisations")
         if device.type == "mps":
             pipeline.enable_attention_slicing()
-        manager = cls(pipeline, model_id, device, lora_cache)
+        manager = cls(pipeline, model_id, device, lora_cache, short_hash)
+        logger.info("%s is a %s model (hash %s)", model_id, manager.family.value, short_hash)
         checkpoint(8, "optimization", "Model ready")
         return manager
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from app.cores.model_manager.model_family import ModelFamily
 from app.cores.model_manager.pipeline_manager import (
     AdapterSpec,
     DiffusionParams,
@@ -19,6 +20,7 @@ from app.features.config.upscalers import PIL_RESAMPLING
 from app.features.generators.previews import latents_to_preview_pngs
 from app.features.generators.samplers import make_scheduler
 from app.features.generators.schemas import GeneratorConfig
+from app.features.loras.base_model import incompatibility_message, is_compatible
 from app.features.loras.lora_inspector import InvalidLoRAError, check_lora_fits_pipeline
 from app.services.events import EventEmitter
 
@@ -43,6 +45,9 @@ class PlannedLoRA:
     path: Path
     weight: float
     sha256: str
+    base_model: str | None = None
+    """The family it was made for (``base_model`` column); None for unknown."""
+    tensor_sha256: str | None = None
 
     def adapter(self) -> AdapterSpec:
         return AdapterSpec(f"lora_{self.id}", self.name, str(self.path), self.weight, self.sha256)
@@ -109,17 +114,40 @@ def _hires_pass(
     return GenerationOutput(images=images, nsfw=nsfw)
 
 
+@dataclass(frozen=True)
+class GenerationRun:
+    """The images, and which model made them (read under the pipeline lock)."""
+
+    output: GenerationOutput
+    model_id: str
+    model_hash: str | None
+
+
+def check_families(pipeline: PipelineManager, loras: tuple[PlannedLoRA, ...]) -> None:
+    """Refuse a LoRA made for another model family, naming both, before anything is read."""
+    for lora in loras:
+        if is_compatible(lora.base_model, pipeline.family) is False:
+            made_for = ModelFamily(str(lora.base_model))
+            raise LoRAIncompatibleError(
+                incompatibility_message(lora.name, made_for, pipeline.family)
+            )
+
+
 def run_generation(
     pipeline: PipelineManager, plan: GenerationPlan, events: EventEmitter
-) -> GenerationOutput:
+) -> GenerationRun:
     """Generate with the plan's LoRAs loaded; they are unloaded whatever happens."""
-    for lora in plan.loras:  # every LoRA is checked before the pipeline is touched
+    check_families(pipeline, plan.loras)
+    # The family check misses what detection could not classify; every LoRA's layers are
+    # also checked against the model before the pipeline is touched.
+    for lora in plan.loras:
         try:
             check_lora_fits_pipeline(lora.path, pipeline.pipeline, lora.name)
         except InvalidLoRAError as error:
             raise LoRAIncompatibleError(str(error)) from error
     with pipeline.loras_applied([lora.adapter() for lora in plan.loras]):
-        return _generate(pipeline, plan, events)
+        output = _generate(pipeline, plan, events)
+    return GenerationRun(output, pipeline.model_id, pipeline.model_hash)
 
 
 def _generate(

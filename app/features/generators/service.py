@@ -17,11 +17,12 @@ from app.cores.model_manager.pipeline_manager import GenerationOutput
 from app.database import crud, hooks
 from app.exceptions import AppError, BadRequestError, NotFoundError
 from app.features.config.upscalers import PIL_RESAMPLING
-from app.features.generators.infotext import build_infotext, png_info
+from app.features.generators.infotext import InfotextLoRA, build_infotext, png_info
 from app.features.generators.runner import (
     PHASE_COMPLETED,
     PHASE_IMAGE_GENERATION,
     GenerationPlan,
+    GenerationRun,
     PlannedLoRA,
     run_generation,
 )
@@ -34,6 +35,7 @@ from app.features.generators.schemas import (
 )
 from app.features.loras import file_manager
 from app.features.loras import service as loras_service
+from app.features.loras.hashes import autov3
 from app.features.loras.service import LoRASelection
 from app.services.events import EventEmitter
 from app.services.storage import Storage
@@ -64,13 +66,28 @@ def _seeds(config: GeneratorConfig) -> list[int]:
 
 
 def _save_images(
-    storage: Storage, plan: GenerationPlan, model: str, output: GenerationOutput
+    storage: Storage,
+    plan: GenerationPlan,
+    model: str,
+    model_hash: str | None,
+    output: GenerationOutput,
 ) -> list[GeneratedItem]:
+    loras = [
+        InfotextLoRA(lora.name, lora.weight, autov3(lora.tensor_sha256)) for lora in plan.loras
+    ]
     items: list[GeneratedItem] = []
     try:
         for index, (image, seed) in enumerate(zip(output.images, plan.seeds, strict=True)):
             name = storage.new_image_name(index)
-            text = build_infotext(plan.config, seed, model, image.width, image.height)
+            text = build_infotext(
+                plan.config,
+                seed,
+                model,
+                image.width,
+                image.height,
+                model_hash=model_hash,
+                loras=loras,
+            )
             path = storage.save_png(image, name, png_info(text))
             items.append(GeneratedItem(path=path, file_name=name))
     except BaseException:
@@ -88,7 +105,15 @@ def _pinned(storage: Storage, selections: list[LoRASelection]) -> Iterator[tuple
             storage.get_loras_dir(), [s.file_path for s in selections]
         ) as paths:
             yield tuple(
-                PlannedLoRA(s.id, s.name, path, s.weight, s.sha256)
+                PlannedLoRA(
+                    s.id,
+                    s.name,
+                    path,
+                    s.weight,
+                    s.sha256,
+                    base_model=s.base_model,
+                    tensor_sha256=s.tensor_sha256,
+                )
                 for s, path in zip(selections, paths, strict=True)
             )
     except FileNotFoundError as error:
@@ -99,9 +124,7 @@ def _pinned(storage: Storage, selections: list[LoRASelection]) -> Iterator[tuple
         ) from error
 
 
-async def _run(
-    models: ModelManager, events: EventEmitter, plan: GenerationPlan
-) -> GenerationOutput:
+async def _run(models: ModelManager, events: EventEmitter, plan: GenerationPlan) -> GenerationRun:
     events.emit("generation_phase", {"phases": plan.phases, "current": PHASE_IMAGE_GENERATION})
     try:
         return await models.run(partial(run_generation, plan=plan, events=events))
@@ -133,9 +156,11 @@ async def generate(
     selections = await loras_service.select_loras(session, config.loras)
     with _pinned(storage, selections) as loras:
         plan = GenerationPlan(config=config, seeds=_seeds(config), loras=loras)
-        output = await _run(models, events, plan)
-    model = models.loaded_model_id or history.model
-    items = await anyio.to_thread.run_sync(_save_images, storage, plan, model, output)
+        run = await _run(models, events, plan)
+    output = run.output
+    items = await anyio.to_thread.run_sync(
+        _save_images, storage, plan, run.model_id, run.model_hash, output
+    )
     for item in items:
         hooks.after_rollback(session, partial(storage.delete_generated_image, item.path))
     await crud.add_images(

@@ -1,8 +1,9 @@
 """LoRA files on disk: checking the user's path, copying it in safely, cleaning up.
 
 The user's original is only ever opened for reading. The copy goes to a temporary file in
-``<cache>/loras`` (hashed while copying, size-limited while copying, fsynced) and is
-validated there, so what is checked is exactly what is kept; it only gets its final name
+``<cache>/loras`` (hashed while copying: the whole file and its tensor payload, see
+``hashes``; size-limited while copying, fsynced) and is validated and described there
+(``metadata``), so what is checked is exactly what is kept; it only gets its final name
 once it is complete. A crash at any moment leaves a complete file or a temporary one, and
 temporary files are removed at the next start.
 """
@@ -23,8 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.exceptions import BadRequestError
+from app.features.loras.hashes import PayloadHasher, tensor_sha256_of
 from app.features.loras.lora_inspector import InvalidLoRAError, LoRAInspection, inspect_lora_header
-from app.features.loras.safetensors_file import SafetensorsError, read_header
+from app.features.loras.metadata import LoRADetails, describe_lora
+from app.features.loras.safetensors_file import SafetensorsError, SafetensorsHeader, read_header
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ class StagedLoRA:
     sha256: str
     size: int
     inspection: LoRAInspection
+    details: LoRADetails
 
 
 def _mb(size: int) -> str:
@@ -96,8 +100,16 @@ def _open_regular_file(path: Path) -> Iterator[int]:
         os.close(fd)
 
 
-def _copy_hashing(source: Path, target_fd: int, max_size: int) -> tuple[str, int]:
+@dataclass(frozen=True)
+class _Copied:
+    sha256: str
+    tensor_sha256: str | None
+    size: int
+
+
+def _copy_hashing(source: Path, target_fd: int, max_size: int) -> _Copied:
     digest = hashlib.sha256()
+    payload = PayloadHasher()
     copied = 0
     with _open_regular_file(source) as source_fd:
         while chunk := os.read(source_fd, _CHUNK):
@@ -105,14 +117,15 @@ def _copy_hashing(source: Path, target_fd: int, max_size: int) -> tuple[str, int
             if copied > max_size:  # the file grew after the size check
                 raise LoRAFileError(f"File '{source.name}' exceeds limit ({_mb(max_size)})")
             digest.update(chunk)
+            payload.update(chunk)
             os.write(target_fd, chunk)
     os.fsync(target_fd)
     if copied == 0:
         raise LoRAFileError(f"File is empty: '{source.name}'")
-    return digest.hexdigest(), copied
+    return _Copied(digest.hexdigest(), payload.hexdigest(), copied)
 
 
-def _validate_copy(copy: Path, display: str) -> LoRAInspection:
+def _validate_copy(copy: Path, display: str) -> tuple[SafetensorsHeader, LoRAInspection]:
     try:
         header = read_header(copy)
     except SafetensorsError as error:
@@ -123,7 +136,7 @@ def _validate_copy(copy: Path, display: str) -> LoRAInspection:
             reason = f"'{display}' is not a valid safetensors file: {reason}"
         raise LoRAFileError(reason) from None
     try:
-        return inspect_lora_header(header)
+        return header, inspect_lora_header(header)
     except InvalidLoRAError as error:
         raise LoRAFileError(f"'{display}' cannot be used as a LoRA: {error}") from None
 
@@ -135,17 +148,36 @@ def stage_copy(source: Path, loras_dir: Path, max_size: int) -> StagedLoRA:
     temp_path = Path(temp_name)
     try:
         try:
-            sha256, size = _copy_hashing(source, fd, max_size)
+            copied = _copy_hashing(source, fd, max_size)
         finally:
             os.close(fd)
-        inspection = _validate_copy(temp_path, source.name)
+        header, inspection = _validate_copy(temp_path, source.name)
+        details = describe_lora(temp_path, header, inspection, copied.tensor_sha256)
     except OSError as error:
         temp_path.unlink(missing_ok=True)
         raise LoRAFileError(f"Could not copy '{source.name}': {error.strerror}") from None
     except BaseException:
         temp_path.unlink(missing_ok=True)
         raise
-    return StagedLoRA(temp_path=temp_path, sha256=sha256, size=size, inspection=inspection)
+    return StagedLoRA(
+        temp_path=temp_path,
+        sha256=copied.sha256,
+        size=copied.size,
+        inspection=inspection,
+        details=details,
+    )
+
+
+def describe_stored(path: Path) -> LoRADetails | None:
+    """Details for a stored copy that has none yet (added before they were kept); None when
+    the file is gone or no longer passes validation."""
+    try:
+        header = read_header(path)
+        inspection = inspect_lora_header(header)
+        return describe_lora(path, header, inspection, tensor_sha256_of(path))
+    except (SafetensorsError, InvalidLoRAError, OSError) as error:
+        logger.warning("Cannot describe LoRA file %s: %s", path.name, error)
+        return None
 
 
 def safe_stem(file_name: str) -> str:

@@ -101,6 +101,8 @@ class LoRAInspection:
     layer_count: int
     ranks: tuple[int, ...]
     """Distinct ranks, sorted."""
+    layer_ranks: tuple[int, ...] = field(default=(), compare=False)
+    """The rank of each layer, in file order (for the most common rank)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,11 +341,11 @@ def inspect_lora_header(header: SafetensorsHeader) -> LoRAInspection:
             )
         layer.tensors[item.role] = (key, header.tensors[key])
 
-    ranks: set[int] = set()
+    layer_ranks: list[int] = []
     convolution = False
     for layer in layers.values():
         rank, is_conv = _check_layer(layer)
-        ranks.add(rank)
+        layer_ranks.append(rank)
         convolution = convolution or is_conv
 
     if _LORA_ADAPTER_METADATA_KEY in header.metadata:
@@ -363,7 +365,8 @@ def inspect_lora_header(header: SafetensorsHeader) -> LoRAInspection:
         components=components,
         network_type=network_type,
         layer_count=len(layers),
-        ranks=tuple(sorted(ranks)),
+        ranks=tuple(sorted(set(layer_ranks))),
+        layer_ranks=tuple(layer_ranks),
     )
 
 

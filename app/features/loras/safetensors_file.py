@@ -220,6 +220,11 @@ def _parse_header(name: str, raw: bytes, header_length: int, file_size: int) -> 
         raise SafetensorsError(f"{invalid}: its header is not valid JSON.") from None
     if not isinstance(document, dict):
         raise SafetensorsError(f"{invalid}: its header is not a JSON object.")
+    if _has_lone_surrogate(document):
+        raise SafetensorsError(
+            f"{invalid}: its header holds text that is not valid Unicode (an unpaired "
+            "surrogate escape such as \\ud800), which the safetensors library refuses."
+        )
 
     metadata: dict[str, str] = {}
     invalid_metadata: list[str] = []
@@ -248,6 +253,21 @@ def _parse_header(name: str, raw: bytes, header_length: int, file_size: int) -> 
         file_size=file_size,
         invalid_metadata_keys=tuple(invalid_metadata),
     )
+
+
+def _has_lone_surrogate(document: dict[str, Any]) -> bool:
+    """JSON escapes can spell unpaired UTF-16 surrogates; Python accepts them, Rust does not."""
+    texts: list[object] = list(document)
+    metadata = document.get(_METADATA_KEY)
+    if isinstance(metadata, dict):
+        texts += [*metadata, *metadata.values()]
+    for text in texts:
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+    return False
 
 
 def _is_int(value: object) -> bool:

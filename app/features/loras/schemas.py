@@ -17,6 +17,9 @@ class LoRAConfigItem(BaseModel):
 
 
 class LoRAInfo(BaseModel):
+    """A LoRA as the UI lists it. Fields after ``file_missing`` describe the file (extracted
+    at upload; None/empty for what the file does not say)."""
+
     id: int
     name: str
     file_path: str
@@ -25,6 +28,61 @@ class LoRAInfo(BaseModel):
     file_missing: bool = Field(description="The stored copy is gone; the LoRA cannot be used.")
     created_at: datetime
     updated_at: datetime
+
+    format: str | None = Field(
+        default=None, description="Key format: kohya, peft or diffusers_legacy."
+    )
+    components: list[str] = Field(
+        default_factory=list,
+        description="Model parts it changes: unet, text_encoder, text_encoder_2, transformer.",
+    )
+    network_type: str | None = Field(default=None, description="lora, locon or dora.")
+    rank: int | None = Field(default=None, description="The most common layer rank.")
+    rank_max: int | None = Field(default=None, description="The largest layer rank.")
+    alpha: float | None = Field(
+        default=None, description="The alpha stored in the file (most common); None: = rank."
+    )
+    base_model: str = Field(
+        default="unknown",
+        description="Family it was made for, from its shapes: sd1, sd2, sdxl, sd3, flux, tiny "
+        "(the embedded test model) or unknown.",
+    )
+    base_model_evidence: str | None = Field(
+        default=None, description="Why base_model was chosen (layer widths, block names)."
+    )
+    base_model_metadata: str | None = Field(
+        default=None, description="The family the file's metadata names, if it names one."
+    )
+    base_model_metadata_source: str | None = Field(
+        default=None, description="The metadata field and value that named it."
+    )
+    base_model_conflict: bool = Field(
+        default=False, description="The metadata names another family than the shapes show."
+    )
+    base_model_note: str | None = Field(default=None, description="Says so in a sentence.")
+    compatible: bool | None = Field(
+        default=None,
+        description="Fits the loaded model's family; null when no model is loaded or either "
+        "family is unknown.",
+    )
+    trigger_words: list[str] = Field(default_factory=list)
+    title: str | None = None
+    description: str | None = None
+    author: str | None = None
+    metadata: dict[str, str] = Field(
+        default_factory=dict,
+        description="The file's __metadata__, cleaned; each value at most 4096 characters, "
+        "64 KiB in all.",
+    )
+    metadata_truncated: bool = False
+    autov2: str = Field(description="First 10 hex digits of sha256 (CivitAI AutoV2).")
+    tensor_sha256: str | None = Field(
+        default=None, description="sha256 of the tensor data without the header."
+    )
+    autov3: str | None = Field(
+        default=None,
+        description="First 12 hex digits of tensor_sha256: CivitAI AutoV3, A1111 Lora hashes.",
+    )
 
 
 class LoRAListResponse(BaseModel):

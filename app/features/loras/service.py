@@ -1,4 +1,5 @@
-"""LoRA records: upload (copy + validate + dedupe), list, get, delete, start-up repair."""
+"""LoRA records: upload (copy + validate + describe + dedupe), list, get, delete, start-up
+repair; which LoRAs fit the loaded model."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
+from app.cores.model_manager.model_family import ModelFamily
 from app.cores.model_manager.model_manager import ModelManager
 from app.database import crud, hooks
 from app.database.models import LoRA
 from app.exceptions import BadRequestError, ConflictError, NotFoundError
 from app.features.loras import file_manager
+from app.features.loras.base_model import is_compatible
+from app.features.loras.hashes import autov2, autov3
 from app.features.loras.schemas import LoRAConfigItem, LoRAInfo
 from app.services.storage import Storage
 
@@ -35,13 +39,16 @@ class LoRASelection:
     file_path: Path
     weight: float
     sha256: str
+    base_model: str | None = None
+    tensor_sha256: str | None = None
 
     @property
     def adapter_name(self) -> str:
         return f"lora_{self.id}"
 
 
-def to_info(row: LoRA) -> LoRAInfo:
+def to_info(row: LoRA, loaded_family: ModelFamily | None) -> LoRAInfo:
+    """The API view of a row; ``compatible`` against the family of the model loaded now."""
     return LoRAInfo(
         id=row.id,
         name=row.name,
@@ -51,7 +58,34 @@ def to_info(row: LoRA) -> LoRAInfo:
         file_missing=not Path(row.file_path).is_file(),
         created_at=row.created_at,
         updated_at=row.updated_at,
+        format=row.format,
+        components=row.components or [],
+        network_type=row.network_type,
+        rank=row.rank,
+        rank_max=row.rank_max,
+        alpha=row.alpha,
+        base_model=row.base_model or ModelFamily.UNKNOWN.value,
+        base_model_evidence=row.base_model_evidence,
+        base_model_metadata=row.base_model_metadata,
+        base_model_metadata_source=row.base_model_metadata_source,
+        base_model_conflict=bool(row.base_model_conflict),
+        base_model_note=row.base_model_note,
+        compatible=is_compatible(row.base_model, loaded_family),
+        trigger_words=row.trigger_words or [],
+        title=row.title,
+        description=row.description,
+        author=row.author,
+        metadata=row.raw_metadata or {},
+        metadata_truncated=bool(row.metadata_truncated),
+        autov2=autov2(row.sha256),
+        tensor_sha256=row.tensor_sha256,
+        autov3=autov3(row.tensor_sha256),
     )
+
+
+async def _to_infos(rows: Sequence[LoRA], loaded_family: ModelFamily | None) -> list[LoRAInfo]:
+    # to_info checks each file on disk: off the event loop.
+    return await anyio.to_thread.run_sync(lambda: [to_info(row, loaded_family) for row in rows])
 
 
 def _duplicate_message(row: LoRA) -> str:
@@ -69,7 +103,11 @@ async def _display_name(session: AsyncSession, stem: str) -> str:
 
 
 async def upload_lora(
-    session: AsyncSession, storage: Storage, settings: Settings, file_path: str
+    session: AsyncSession,
+    storage: Storage,
+    settings: Settings,
+    models: ModelManager,
+    file_path: str,
 ) -> LoRAInfo:
     source = file_manager.check_source(file_path, settings.lora_max_file_size)
     loras_dir = storage.get_loras_dir()
@@ -88,15 +126,20 @@ async def upload_lora(
     # From here the copy lives or dies with the row: removed if the transaction fails.
     hooks.after_rollback(session, partial(file_manager.discard, stored))
     row = await _create_row(session, source, str(stored.resolve()), staged)
+    details = staged.details
     logger.info(
-        "Added LoRA '%s' (id %d, %s, %s) from %s",
+        "Added LoRA '%s' (id %d, %s %s, %s, for %s) from %s",
         row.name,
         row.id,
-        staged.inspection.format,
-        "+".join(staged.inspection.components),
+        details.format,
+        details.network_type,
+        "+".join(details.components),
+        details.base_model,
         source,
     )
-    return to_info(row)
+    if details.base_model_note:
+        logger.info("LoRA '%s': %s", row.name, details.base_model_note)
+    return to_info(row, models.loaded_family)
 
 
 async def _create_row(
@@ -113,6 +156,7 @@ async def _create_row(
                 file_size=staged.size,
                 sha256=staged.sha256,
                 source_path=str(source),
+                details=staged.details.columns(),
             )
         except IntegrityError:
             # A concurrent request committed the same content (409), or took the same display
@@ -125,16 +169,28 @@ async def _create_row(
                 raise
 
 
-async def list_loras(session: AsyncSession) -> list[LoRAInfo]:
-    rows = await crud.list_loras(session)
-    return await anyio.to_thread.run_sync(lambda: [to_info(row) for row in rows])
+async def list_loras(
+    session: AsyncSession, models: ModelManager, compatible_with_loaded: bool | None = None
+) -> list[LoRAInfo]:
+    """Every LoRA, oldest first; ``compatible_with_loaded=True`` leaves out those known to be
+    made for another family than the loaded model (LoRAs of unknown family stay: they may
+    fit, and the size check at generation decides), ``False`` keeps only those. With no
+    model loaded, or one of unknown family, nothing is known to be incompatible."""
+    family = models.loaded_family
+    if compatible_with_loaded is None:
+        rows = await crud.list_loras(session)
+    elif family is None or not family.known:
+        rows = await crud.list_loras(session) if compatible_with_loaded else []
+    else:
+        rows = await crud.list_loras_by_fit(session, family.value, fits=compatible_with_loaded)
+    return await _to_infos(rows, family)
 
 
-async def get_lora(session: AsyncSession, lora_id: int) -> LoRAInfo:
+async def get_lora(session: AsyncSession, models: ModelManager, lora_id: int) -> LoRAInfo:
     row = await crud.get_lora(session, lora_id)
     if row is None:
         raise NotFoundError(f"LoRA with id {lora_id} not found")
-    return to_info(row)
+    return to_info(row, models.loaded_family)
 
 
 async def delete_lora(session: AsyncSession, models: ModelManager, lora_id: int) -> None:
@@ -161,13 +217,22 @@ async def select_loras(
         if row is None:
             raise BadRequestError(f"LoRA with id {item.lora_id} not found")
         selections.append(
-            LoRASelection(row.id, row.name, Path(row.file_path), item.weight, row.sha256)
+            LoRASelection(
+                row.id,
+                row.name,
+                Path(row.file_path),
+                item.weight,
+                row.sha256,
+                base_model=row.base_model,
+                tensor_sha256=row.tensor_sha256,
+            )
         )
     return selections
 
 
 async def repair_on_startup(session: AsyncSession, storage: Storage) -> None:
-    """Remove files no row points to; report rows whose file is gone."""
+    """Remove files no row points to; report rows whose file is gone; describe rows added
+    before LoRA details were stored (one read of each such file, once)."""
     rows = await crud.list_loras(session)
     known = {Path(row.file_path) for row in rows}
     removed = await anyio.to_thread.run_sync(
@@ -175,7 +240,7 @@ async def repair_on_startup(session: AsyncSession, storage: Storage) -> None:
     )
     for path in removed:
         logger.info("Removed leftover LoRA file %s", path.name)
-    for info in await anyio.to_thread.run_sync(lambda: [to_info(row) for row in rows]):
+    for info in await _to_infos(rows, None):
         if info.file_missing:
             logger.warning(
                 "LoRA '%s' (id %d): its file %s is missing; delete it and add it again",
@@ -183,3 +248,15 @@ async def repair_on_startup(session: AsyncSession, storage: Storage) -> None:
                 info.id,
                 info.file_path,
             )
+    await _describe_old_rows(session)
+
+
+async def _describe_old_rows(session: AsyncSession) -> None:
+    for row in await crud.loras_without_details(session):
+        path = Path(row.file_path)
+        if not await anyio.to_thread.run_sync(path.is_file):
+            continue  # reported above
+        details = await anyio.to_thread.run_sync(file_manager.describe_stored, path)
+        if details is not None:
+            await crud.set_lora_details(session, row, details.columns())
+            logger.info("Described LoRA '%s' (id %d): for %s", row.name, row.id, details.base_model)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
+import uuid
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import anyio.to_thread
@@ -14,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.config import EMBEDDED_MODEL_ID, Settings
 from app.cores.model_manager.device import resolve_device
 from app.cores.model_manager.model_manager import ModelManager
-from app.database import crud
+from app.database import crud, hooks
 from app.database.models import DownloadedModel
 from app.exceptions import BadRequestError, ConflictError, NotFoundError
 from app.features.config.service import read_user_config
@@ -64,12 +67,13 @@ async def load_model(
     model_id: str,
 ) -> LoadModelResponse | None:
     """Load a model; None means the load was cancelled or is already under way (204)."""
-    source = await _resolve_source(session, model_id)
 
     def device_for_load() -> object:
         return resolve_device(settings.device, read_user_config(storage).device_index)
 
-    loaded = await models.load(model_id, source, device_for_load)
+    loaded = await models.load(
+        model_id, partial(_resolve_source, session, model_id), device_for_load
+    )
     if loaded is None:
         return None
     return LoadModelResponse(
@@ -90,10 +94,38 @@ async def delete_model(
     if row is None:
         raise BadRequestError(f"Model {model_id} is not downloaded.")
     await crud.delete_model(session, row)
-    await anyio.to_thread.run_sync(_remove_owned_folder, Path(row.model_dir), storage.models_dir)
-
-
-def _remove_owned_folder(folder: Path, models_dir: Path) -> None:
+    folder = Path(row.model_dir)
     # Only folders this backend owns are removed; a shared hub cache is left alone.
-    if folder.is_dir() and folder.resolve().is_relative_to(models_dir.resolve()):
-        shutil.rmtree(folder)
+    if not await anyio.to_thread.run_sync(_is_owned_folder, folder, storage.models_dir):
+        return
+    # Set aside now (an instant rename), removed for good only once the row is gone: a
+    # failed commit puts it back, and a crash leaves a ``.trash-`` folder that the next
+    # start removes.
+    trash = folder.with_name(f"{TRASH_PREFIX}{uuid.uuid4().hex}")
+    await anyio.to_thread.run_sync(folder.rename, trash)
+    hooks.after_rollback(session, partial(_move, trash, folder))
+    hooks.after_commit(session, partial(_remove_in_background, trash))
+
+
+TRASH_PREFIX = ".trash-"
+
+
+def _is_owned_folder(folder: Path, models_dir: Path) -> bool:
+    return folder.is_dir() and folder.resolve().is_relative_to(models_dir.resolve())
+
+
+def _move(source: Path, target: Path) -> None:
+    source.rename(target)
+
+
+def _remove_in_background(folder: Path) -> None:
+    # A model folder can hold gigabytes: never delete it on the event loop.
+    threading.Thread(
+        target=shutil.rmtree, args=(folder,), kwargs={"ignore_errors": True}, daemon=True
+    ).start()
+
+
+def remove_trash(models_dir: Path) -> None:
+    """Remove model folders whose deletion a crash interrupted (run at start-up)."""
+    for entry in models_dir.glob(f"{TRASH_PREFIX}*"):
+        shutil.rmtree(entry, ignore_errors=True)

@@ -1,0 +1,351 @@
+"""Base-model detection from LoRA keys and shapes, metadata claims, and model families.
+
+Real files throughout: family-shaped LoRAs from ``tests.factories.family_loras`` (realistic
+names and widths, rank 1), LoRAs for the tiny embedded model from ``lora_files``, and a few
+hand-made key sets for the edge cases.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from app.cores.model_manager.embedded_model import _CROSS_ATTENTION_DIM
+from app.cores.model_manager.model_family import (
+    TINY_CROSS_ATTENTION_DIM,
+    ModelFamily,
+    family_from_transformer_class,
+    family_from_unet_config,
+    family_of_pipeline,
+)
+from app.features.loras.base_model import (
+    Detection,
+    MetadataClaim,
+    base_model_of,
+    conflict_note,
+    detect_base_model,
+    incompatibility_message,
+    is_compatible,
+    metadata_claim,
+    resolve_base_model,
+)
+from app.features.loras.safetensors_file import SafetensorsHeader, read_header
+from tests.factories.family_loras import write_family_lora
+from tests.factories.lora_files import write_lora, write_unknown_modules, write_wrong_shapes
+
+F = ModelFamily
+
+
+def header_of(path: Path) -> SafetensorsHeader:
+    return read_header(path)
+
+
+def write_shapes(
+    path: Path, shapes: dict[str, tuple[int, ...]], metadata: dict[str, str] | None = None
+) -> SafetensorsHeader:
+    """A file with zero tensors of these shapes: only names and shapes matter here."""
+    save_file({key: torch.zeros(shape) for key, shape in shapes.items()}, str(path), metadata)
+    return read_header(path)
+
+
+def kohya(name: str, width_in: int, width_out: int, rank: int = 1) -> dict[str, tuple[int, ...]]:
+    return {
+        f"{name}.lora_down.weight": (rank, width_in),
+        f"{name}.lora_up.weight": (width_out, rank),
+        f"{name}.alpha": (),
+    }
+
+
+def peft(name: str, width_in: int, width_out: int, rank: int = 1) -> dict[str, tuple[int, ...]]:
+    return {f"{name}.lora_A.weight": (rank, width_in), f"{name}.lora_B.weight": (width_out, rank)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Real families
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("fmt", ["kohya", "peft"])
+@pytest.mark.parametrize("text_encoders", [True, False], ids=["with-te", "no-te"])
+def test_family_shaped_loras_are_detected(
+    tmp_path: Path, family: Any, fmt: Any, text_encoders: bool
+) -> None:
+    path = write_family_lora(
+        tmp_path / "x.safetensors", family, fmt=fmt, text_encoders=text_encoders
+    )
+    assert path.stat().st_size < 200_000  # tiny ranks, few layers
+    detection = detect_base_model(header_of(path))
+    assert detection.family == ModelFamily(family), detection
+    assert detection.evidence
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "peft", "diffusers_legacy"])
+@pytest.mark.parametrize(
+    "components", [("unet",), ("unet", "text_encoder"), ("text_encoder",)], ids=["u", "u+te", "te"]
+)
+def test_loras_for_the_embedded_model_are_tiny(
+    tmp_path: Path, tiny_pipeline: Any, fmt: Any, components: tuple[str, ...]
+) -> None:
+    path = write_lora(tmp_path / "t.safetensors", tiny_pipeline, fmt=fmt, components=components)
+    assert detect_base_model(header_of(path)).family is F.TINY
+
+
+def test_tiny_width_is_the_embedded_models(tiny_pipeline: Any) -> None:
+    assert TINY_CROSS_ATTENTION_DIM == _CROSS_ATTENTION_DIM
+    assert tiny_pipeline.unet.config.cross_attention_dim == TINY_CROSS_ATTENTION_DIM
+
+
+def test_locon_and_dora_for_the_embedded_model(tmp_path: Path, tiny_pipeline: Any) -> None:
+    locon = write_lora(tmp_path / "c.safetensors", tiny_pipeline, include_conv=True)
+    dora = write_lora(tmp_path / "d.safetensors", tiny_pipeline, fmt="peft", dora=True)
+    assert detect_base_model(header_of(locon)).family is F.TINY
+    assert detect_base_model(header_of(dora)).family is F.TINY
+
+
+@pytest.mark.parametrize("kind", ["cross_attention", "width"])
+def test_contradictory_shapes_are_unknown(tmp_path: Path, tiny_pipeline: Any, kind: Any) -> None:
+    # 768-wide cross-attention beside 32-wide attention: no real model is shaped like that.
+    path = write_wrong_shapes(tmp_path / "w.safetensors", tiny_pipeline, kind=kind)
+    detection = detect_base_model(header_of(path))
+    assert detection.family is F.UNKNOWN
+    assert "contradictory" in detection.evidence
+
+
+def test_modules_the_model_lacks_do_not_change_the_family(
+    tmp_path: Path, tiny_pipeline: Any
+) -> None:
+    # The family fits; the size check at generation catches the missing modules.
+    path = write_unknown_modules(tmp_path / "u.safetensors", tiny_pipeline)
+    assert detect_base_model(header_of(path)).family is F.TINY
+
+
+def test_sdxl_kohya_with_diffusers_block_names(tmp_path: Path) -> None:
+    stem = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_1"
+    header = write_shapes(
+        tmp_path / "x.safetensors",
+        kohya(f"{stem}_attn2_to_k", 2048, 640) | kohya(f"{stem}_attn1_to_q", 640, 640),
+    )
+    assert detect_base_model(header).family is F.SDXL
+
+
+def test_legacy_processor_names_are_read(tmp_path: Path) -> None:
+    block = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"
+    header = write_shapes(
+        tmp_path / "x.safetensors",
+        {
+            f"{block}.to_k_lora.down.weight": (1, 1024),
+            f"{block}.to_k_lora.up.weight": (320, 1),
+        },
+    )
+    assert detect_base_model(header).family is F.SD2
+
+
+def test_a_second_text_encoder_alone_means_sdxl(tmp_path: Path) -> None:
+    layer = "text_model_encoder_layers_0_self_attn_q_proj"
+    header = write_shapes(
+        tmp_path / "x.safetensors",
+        kohya(f"lora_te1_{layer}", 768, 768) | kohya(f"lora_te2_{layer}", 1280, 1280),
+    )
+    detection = detect_base_model(header)
+    assert detection.family is F.SDXL
+    assert "second text encoder" in detection.evidence
+
+
+def test_sd2_text_encoder_alone(tmp_path: Path) -> None:
+    layer = "lora_te_text_model_encoder_layers_3_mlp_fc1"
+    header = write_shapes(tmp_path / "x.safetensors", kohya(layer, 1024, 4096))
+    assert detect_base_model(header).family is F.SD2
+
+
+@pytest.mark.parametrize(
+    ("shapes", "evidence"),
+    [
+        pytest.param(
+            peft("transformer.single_transformer_blocks.0.attn.to_q", 2048, 2048),
+            "2048 wide",
+            id="flux-style-other-width",
+        ),
+        pytest.param(
+            kohya("lora_unet_double_blocks_19_img_attn_qkv", 3072, 9216),
+            "beyond FLUX.1",
+            id="hunyuan-video-block-count",
+        ),
+        pytest.param(
+            peft("transformer.joint_transformer_blocks.0.attn.add_q_proj", 3072, 3072)
+            | peft("transformer.single_transformer_blocks.0.attn.to_q", 3072, 3072),
+            "unrecognised",
+            id="auraflow",
+        ),
+        pytest.param(
+            peft("transformer.transformer_blocks.0.attn.add_q_proj", 3072, 3072),
+            "no Stable Diffusion 3 size",
+            id="qwen-image-like",
+        ),
+        pytest.param(
+            peft("transformer.blocks.0.attn1.to_q", 1536, 1536),
+            "unrecognised",
+            id="wan-like",
+        ),
+        pytest.param(
+            kohya(
+                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", 4096, 320
+            ),
+            "no known model",
+            id="odd-cross-attention",
+        ),
+        pytest.param(
+            kohya("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", 768, 320)
+            | kohya(
+                "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k", 1024, 1280
+            ),
+            "different widths",
+            id="two-cross-attention-widths",
+        ),
+        pytest.param(
+            kohya("lora_unet_down_blocks_0_resnets_0_conv1", 320, 320),
+            "tells the models apart",
+            id="only-resnets",
+        ),
+    ],
+)
+def test_unrecognised_shapes_are_unknown(
+    tmp_path: Path, shapes: dict[str, tuple[int, ...]], evidence: str
+) -> None:
+    detection = detect_base_model(write_shapes(tmp_path / "x.safetensors", shapes))
+    assert detection.family is F.UNKNOWN
+    assert evidence in detection.evidence
+
+
+def test_sd3_large_width(tmp_path: Path) -> None:
+    shapes = peft("transformer.transformer_blocks.37.attn.add_k_proj", 2432, 2432)
+    assert detect_base_model(write_shapes(tmp_path / "x.safetensors", shapes)).family is F.SD3
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata claims
+
+
+@pytest.mark.parametrize(
+    ("metadata", "family", "key"),
+    [
+        ({"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}, F.SDXL, "modelspec"),
+        ({"modelspec.architecture": "stable-diffusion-v1/lora"}, F.SD1, "modelspec"),
+        ({"modelspec.architecture": "stable-diffusion-v2-768-v/lora"}, F.SD2, "modelspec"),
+        ({"modelspec.architecture": "stable-diffusion-3-medium/lora"}, F.SD3, "modelspec"),
+        ({"modelspec.architecture": "flux-1-dev/lora"}, F.FLUX, "modelspec"),
+        ({"modelspec.architecture": "lumina-2/lora"}, F.UNKNOWN, "modelspec"),
+        ({"ss_base_model_version": "sdxl_base_v1-0"}, F.SDXL, "ss_base"),
+        ({"ss_base_model_version": "sd_v1", "ss_v2": "False"}, F.SD1, "ss_base"),
+        ({"ss_base_model_version": "flux1"}, F.FLUX, "ss_base"),
+        ({"ss_v2": "True", "ss_sd_model_name": "v1-5-pruned.ckpt"}, F.SD2, "ss_v2"),
+        ({"ss_sd_model_name": "ponyDiffusionV6XL.safetensors"}, F.SDXL, "ss_sd_model"),
+        ({"ss_sd_model_name": "v1-5-pruned-emaonly.safetensors"}, F.SD1, "ss_sd_model"),
+        ({"ss_sd_model_name": "v2-1_768-ema-pruned.safetensors"}, F.SD2, "ss_sd_model"),
+    ],
+)
+def test_metadata_claims(metadata: dict[str, str], family: ModelFamily, key: str) -> None:
+    claim = metadata_claim(metadata)
+    assert claim is not None
+    assert claim.family is family
+    assert claim.key.startswith(key)
+
+
+@pytest.mark.parametrize(
+    "metadata", [{}, {"ss_sd_model_name": "a8f3e2.safetensors"}, {"ss_v2": "False"}]
+)
+def test_metadata_that_names_no_model(metadata: dict[str, str]) -> None:
+    assert metadata_claim(metadata) is None
+
+
+def test_shapes_win_over_the_metadata_and_the_conflict_is_reported(tmp_path: Path) -> None:
+    path = write_family_lora(
+        tmp_path / "x.safetensors", "sd1", metadata={"ss_base_model_version": "sdxl_base_v1-0"}
+    )
+    base = base_model_of(header_of(path))
+    assert base.family is F.SD1
+    assert base.conflict
+    note = conflict_note(base)
+    assert note is not None
+    assert "SDXL" in note
+    assert "Stable Diffusion 1.x" in note
+
+
+def test_metadata_chooses_only_among_what_the_shapes_allow(tmp_path: Path) -> None:
+    # Self-attention only, 320 wide: SD 1.x or 2.x, the shapes cannot tell which.
+    shapes = kohya("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 320, 320)
+    open_header = write_shapes(tmp_path / "a.safetensors", shapes)
+    detection = detect_base_model(open_header)
+    assert detection.family is F.UNKNOWN
+    assert detection.candidates == {F.SD1, F.SD2}
+
+    chosen = resolve_base_model(detection, MetadataClaim(F.SD2, "ss_v2", "True"))
+    assert chosen.family is F.SD2
+    assert "chosen by its metadata" in chosen.evidence
+    impossible = resolve_base_model(detection, MetadataClaim(F.SDXL, "ss_base_model_version", "x"))
+    assert impossible.family is F.UNKNOWN
+    assert not impossible.conflict
+
+
+def test_resolution_keeps_a_known_family() -> None:
+    detection = Detection(F.TINY, frozenset({F.TINY}), "cross-attention input width 32")
+    base = resolve_base_model(detection, MetadataClaim(F.SD1, "ss_base_model_version", "sd_v1"))
+    assert base.family is F.TINY
+    assert base.conflict
+
+
+# ---------------------------------------------------------------------------------------------
+# Model families and compatibility
+
+
+@pytest.mark.parametrize(
+    ("config", "family"),
+    [
+        ({"cross_attention_dim": 768}, F.SD1),
+        ({"cross_attention_dim": 1024}, F.SD2),
+        ({"cross_attention_dim": 2048, "addition_embed_type": "text_time"}, F.SDXL),
+        ({"cross_attention_dim": 2048}, F.UNKNOWN),
+        ({"cross_attention_dim": 1280, "addition_embed_type": "text_time"}, F.UNKNOWN),
+        ({"cross_attention_dim": 768, "addition_embed_type": "text_time"}, F.UNKNOWN),
+        ({"cross_attention_dim": [768, 768]}, F.SD1),
+        ({"cross_attention_dim": 32}, F.TINY),
+        ({}, F.UNKNOWN),
+    ],
+)
+def test_family_from_unet_config(config: dict[str, Any], family: ModelFamily) -> None:
+    assert family_from_unet_config(config) is family
+
+
+def test_family_from_transformer_class() -> None:
+    assert family_from_transformer_class("FluxTransformer2DModel") is F.FLUX
+    assert family_from_transformer_class("SD3Transformer2DModel") is F.SD3
+    assert family_from_transformer_class("PixArtTransformer2DModel") is F.UNKNOWN
+
+
+def test_the_embedded_pipeline_is_tiny(tiny_pipeline: Any) -> None:
+    assert family_of_pipeline(tiny_pipeline) is F.TINY
+
+
+@pytest.mark.parametrize(
+    ("lora", "model", "expected"),
+    [
+        ("sd1", F.SD1, True),
+        ("sdxl", F.SD1, False),
+        ("unknown", F.SD1, None),
+        (None, F.SD1, None),
+        ("sd1", F.UNKNOWN, None),
+        ("sd1", None, None),
+    ],
+)
+def test_is_compatible(lora: str | None, model: ModelFamily | None, expected: bool | None) -> None:
+    assert is_compatible(lora, model) is expected
+
+
+def test_incompatibility_message_names_both_families() -> None:
+    message = incompatibility_message("detail tweaker", F.SDXL, F.SD1)
+    assert message.startswith(
+        "LoRA 'detail tweaker' was made for SDXL; the loaded model is Stable Diffusion 1.x."
+    )

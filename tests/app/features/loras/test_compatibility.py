@@ -1,0 +1,248 @@
+"""Which LoRAs fit the loaded model, through HTTP: the base model shown per LoRA, the
+``compatible`` flag and filter, refusal of another family's LoRA before the pipeline is
+touched, every LoRA format that runs on the tiny model, and refusal of the variants that
+cannot run, at upload."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from fastapi import FastAPI
+from PIL import Image
+from safetensors.torch import save_file
+
+from app.config import EMBEDDED_MODEL_ID, Settings
+from app.cores.model_manager.model_family import ModelFamily
+from app.features.generators import runner
+from tests.factories.family_loras import write_family_lora
+from tests.factories.lora_files import write_lora, write_wrong_shapes
+
+CONFIG: dict[str, Any] = {
+    "prompt": "a lighthouse",
+    "negative_prompt": "",
+    "width": 64,
+    "height": 64,
+    "steps": 3,
+    "seed": 21,
+    "sampler": "EULER",
+}
+
+
+async def upload(client: httpx.AsyncClient, path: Path) -> dict[str, Any]:
+    response = await client.post("/loras/upload", json={"file_path": str(path)})
+    assert response.status_code == 201, response.text
+    info: dict[str, Any] = response.json()
+    return info
+
+
+async def generate(client: httpx.AsyncClient, loras: list[dict[str, Any]]) -> httpx.Response:
+    config = {**CONFIG, "loras": loras}
+    history = await client.post("/histories", json=config)
+    assert history.status_code == 200, history.text
+    return await client.post("/generators", json={"history_id": history.json(), "config": config})
+
+
+async def first_image(client: httpx.AsyncClient, response: httpx.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    png = await client.get(f"/{response.json()['items'][0]['path']}")
+    return np.asarray(Image.open(io.BytesIO(png.content)).convert("RGB"))
+
+
+def checksum(app: FastAPI) -> str:
+    pipeline = app.state.model_manager._pipeline.pipeline
+    digest = hashlib.sha256()
+    for component in (pipeline.unet, pipeline.text_encoder):
+        for name, tensor in sorted(component.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+async def listed(client: httpx.AsyncClient, query: str = "") -> dict[str, dict[str, Any]]:
+    response = await client.get(f"/loras{query}")
+    assert response.status_code == 200, response.text
+    return {lora["name"]: lora for lora in response.json()["loras"]}
+
+
+@pytest.fixture
+def family_files(user_dir: Path, tiny_pipeline: Any) -> dict[str, Path]:
+    files = {
+        f"{family}_{fmt}": write_family_lora(
+            user_dir / f"{family}_{fmt}.safetensors", family, fmt=fmt
+        )
+        for family in ("sd1", "sd2", "sdxl", "sd3", "flux")
+        for fmt in ("kohya", "peft")
+    }
+    files["tiny"] = write_lora(user_dir / "tiny.safetensors", tiny_pipeline, seed=5)
+    files["odd"] = write_wrong_shapes(user_dir / "odd.safetensors", tiny_pipeline)
+    return files
+
+
+async def test_base_model_and_compatibility_follow_the_loaded_model(
+    app: FastAPI, client: httpx.AsyncClient, family_files: dict[str, Path]
+) -> None:
+    for path in family_files.values():
+        await upload(client, path)
+
+    before = await listed(client)
+    for name, info in before.items():
+        expected = name.split("_")[0] if name not in ("tiny", "odd") else name
+        assert info["base_model"] == {"odd": "unknown"}.get(expected, expected), info
+        assert info["compatible"] is None  # no model loaded
+    assert before["sdxl_kohya"]["components"] == ["unet", "text_encoder", "text_encoder_2"]
+    assert before["flux_kohya"]["components"] == ["transformer", "text_encoder"]
+    assert before["sd3_peft"]["components"] == ["transformer"]
+    # Nothing is known to be incompatible while no model is loaded.
+    assert (await listed(client, "?compatible_with_loaded=true")).keys() == before.keys()
+    assert await listed(client, "?compatible_with_loaded=false") == {}
+
+    response = await client.post("/models/load", json={"model_id": EMBEDDED_MODEL_ID})
+    assert response.status_code == 200, response.text
+    assert app.state.model_manager.loaded_family is ModelFamily.TINY
+
+    after = await listed(client)
+    assert after["tiny"]["compatible"] is True
+    assert after["odd"]["compatible"] is None
+    others = {name for name in after if name not in ("tiny", "odd")}
+    assert all(after[name]["compatible"] is False for name in others)
+    assert (await listed(client, "?compatible_with_loaded=true")).keys() == {"tiny", "odd"}
+    assert (await listed(client, "?compatible_with_loaded=false")).keys() == others
+    lora_id = after["sdxl_kohya"]["id"]
+    assert (await client.get(f"/loras/{lora_id}")).json()["compatible"] is False
+
+    response = await client.get("/loras?compatible_with_loaded=maybe")
+    assert response.status_code == 422
+
+
+async def test_another_familys_lora_is_refused_before_the_pipeline_is_touched(
+    app: FastAPI,
+    loaded_client: httpx.AsyncClient,
+    family_files: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    good = await upload(loaded_client, family_files["tiny"])
+    sdxl = await upload(loaded_client, family_files["sdxl_kohya"])
+    flux = await upload(loaded_client, family_files["flux_peft"])
+    before = checksum(app)
+
+    def never(*_: Any) -> None:
+        raise AssertionError("the LoRA file was read for a size check")
+
+    monkeypatch.setattr(runner, "check_lora_fits_pipeline", never)
+    for other, family in ((sdxl, "SDXL"), (flux, "FLUX.1")):
+        loras = [{"lora_id": good["id"], "weight": 1}, {"lora_id": other["id"], "weight": 0.5}]
+        response = await generate(loaded_client, loras)
+        assert response.status_code == 400, response.text
+        assert response.json()["detail"].startswith(
+            f"LoRA '{other['name']}' was made for {family}; "
+            "the loaded model is the tiny embedded test model."
+        )
+    assert checksum(app) == before
+
+
+async def test_a_lora_of_unknown_family_is_still_size_checked(
+    loaded_client: httpx.AsyncClient, family_files: dict[str, Path]
+) -> None:
+    odd = await upload(loaded_client, family_files["odd"])
+    assert (odd["base_model"], odd["compatible"]) == ("unknown", None)
+    response = await generate(loaded_client, [{"lora_id": odd["id"], "weight": 1}])
+    assert response.status_code == 400
+    assert "768-wide cross-attention" in response.json()["detail"]
+
+
+async def test_model_family_and_hash_are_known_once_loaded(
+    app: FastAPI, client: httpx.AsyncClient, settings: Settings
+) -> None:
+    manager = app.state.model_manager
+    assert (manager.loaded_family, manager.loaded_model_hash) == (None, None)
+    response = await client.post("/models/load", json={"model_id": EMBEDDED_MODEL_ID})
+    assert response.status_code == 200, response.text
+    unet = settings.cache_dir / "models" / "embedded--tiny-sd" / "unet"
+    weights = (unet / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert manager.loaded_model_hash == hashlib.sha256(weights).hexdigest()[:10]
+    assert manager.loaded_family is ModelFamily.TINY
+
+
+# ---------------------------------------------------------------------------------------------
+# Formats from the wild
+
+
+WORKING_FORMATS: dict[str, dict[str, Any]] = {
+    "kohya unet": {"fmt": "kohya"},
+    "kohya unet+te": {"fmt": "kohya", "components": ("unet", "text_encoder")},
+    "kohya te only": {"fmt": "kohya", "components": ("text_encoder",), "scale": 3.0},
+    "kohya locon": {"fmt": "kohya", "include_conv": True},
+    "peft unet+te": {"fmt": "peft", "components": ("unet", "text_encoder")},
+    "peft no text_model prefix": {
+        "fmt": "peft",
+        "components": ("unet", "text_encoder"),
+        "text_model_prefix": False,
+    },
+    "peft dora": {"fmt": "peft", "dora": True},
+    "peft alpha metadata": {"fmt": "peft", "alpha": 2.0},
+    "legacy processor unet+te": {"fmt": "diffusers_legacy", "components": ("unet", "text_encoder")},
+}
+
+
+async def test_every_format_the_tiny_model_can_run_uploads_and_generates(
+    loaded_client: httpx.AsyncClient, tiny_pipeline: Any, user_dir: Path
+) -> None:
+    base = await first_image(loaded_client, await generate(loaded_client, []))
+    for seed, (name, options) in enumerate(WORKING_FORMATS.items(), start=10):
+        path = write_lora(user_dir / f"{name}.safetensors", tiny_pipeline, seed=seed, **options)
+        info = await upload(loaded_client, path)
+        assert info["base_model"] == "tiny", name
+        assert info["compatible"] is True, name
+        response = await generate(loaded_client, [{"lora_id": info["id"], "weight": 1.0}])
+        image = await first_image(loaded_client, response)
+        assert not np.array_equal(image, base), f"{name} changed nothing"
+
+
+_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+_PEFT_Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+UNSUPPORTED: dict[str, tuple[dict[str, tuple[int, ...]], str]] = {
+    "loha": ({f"{_Q}.hada_w1_a": (32, 4), f"{_Q}.hada_w1_b": (4, 32)}, "LoHa"),
+    "lokr": ({f"{_Q}.lokr_w1": (4, 4), f"{_Q}.lokr_w2": (8, 8)}, "LoKr"),
+    "ia3": ({f"{_Q}.weight": (32,), f"{_Q}.on_input": ()}, "(IA)³"),
+    "oft": ({f"{_Q}.oft_blocks": (4, 8, 8), f"{_Q}.alpha": ()}, "OFT"),
+    "boft": ({f"{_PEFT_Q}.boft_R": (1, 4, 8, 8)}, "OFT/BOFT"),
+    "glora": ({f"{_Q}.a1.weight": (4, 32), f"{_Q}.a2.weight": (32, 4)}, "GLoRA"),
+    "kohya dora": (
+        {
+            f"{_Q}.lora_down.weight": (4, 32),
+            f"{_Q}.lora_up.weight": (32, 4),
+            f"{_Q}.dora_scale": (32, 1),
+        },
+        "DoRA",
+    ),
+    "tucker locon": (
+        {
+            f"{_Q}.lora_down.weight": (4, 32, 1, 1),
+            f"{_Q}.lora_mid.weight": (4, 4, 3, 3),
+            f"{_Q}.lora_up.weight": (32, 4, 1, 1),
+        },
+        "Tucker",
+    ),
+    "full diff": ({f"{_Q}.diff": (32, 32), f"{_Q}.diff_b": (32,)}, ".diff"),
+}
+
+
+async def test_variants_that_cannot_run_are_refused_at_upload_by_name(
+    client: httpx.AsyncClient, user_dir: Path
+) -> None:
+    for name, (shapes, variant) in UNSUPPORTED.items():
+        path = user_dir / f"{name}.safetensors"
+        save_file({key: torch.zeros(shape) for key, shape in shapes.items()}, str(path))
+        response = await client.post("/loras/upload", json={"file_path": str(path)})
+        assert response.status_code == 400, (name, response.text)
+        detail = response.json()["detail"]
+        assert variant in detail, (name, detail)
+        assert "not supported" in detail, (name, detail)
+    assert (await client.get("/loras")).json()["loras"] == []
