@@ -29,10 +29,12 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import text
 
 from app.config import EMBEDDED_MODEL_ID, Settings
 from app.cores.model_manager.model_manager import ModelManager
 from app.database import crud
+from app.main import create_app
 
 COPY_ID = "tests/tiny-sd-copy"
 
@@ -346,3 +348,45 @@ async def test_delete_after_unload_removes_files_and_row(
     assert (await _load(loaded_client)).status_code == 404
     again = await loaded_client.delete("/models", params={"model_id": EMBEDDED_MODEL_ID})
     assert again.status_code == 400
+
+
+async def test_load_then_unload_sent_together_ends_unloaded(client: httpx.AsyncClient) -> None:
+    # Both requests start in this order on one event loop: the load takes its place in the
+    # "latest request wins" order on arrival, before its database lookup, so the unload
+    # that arrives right after it wins.
+    load, unload = await asyncio.gather(
+        client.post("/models/load", json={"model_id": EMBEDDED_MODEL_ID}),
+        client.post("/models/unload"),
+    )
+    assert unload.status_code == 200
+    assert load.status_code == 204
+    assert (await client.post("/histories", json={"prompt": "x"})).status_code == 400
+
+
+async def test_a_failed_delete_keeps_the_model_folder(app: FastAPI, settings: Settings) -> None:
+    async with app.state.session_factory() as session:
+        # A real database fault: SQLite refuses to delete model rows.
+        await session.execute(
+            text(
+                "CREATE TRIGGER keep_models BEFORE DELETE ON models "
+                "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            )
+        )
+        await session.commit()
+    folder = settings.models_dir / "embedded--tiny-sd"
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+        response = await client.delete("/models", params={"model_id": EMBEDDED_MODEL_ID})
+    assert response.status_code == 500
+    assert response.json() == {"detail": "Internal server error"}
+    assert (folder / "model_index.json").is_file()
+    assert [p.name for p in settings.models_dir.iterdir()] == ["embedded--tiny-sd"]
+
+
+async def test_start_up_removes_folders_of_interrupted_deletes(settings: Settings) -> None:
+    leftover = settings.models_dir / ".trash-0123"
+    (leftover / "unet").mkdir(parents=True)
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        assert not leftover.exists()
+        assert (settings.models_dir / "embedded--tiny-sd" / "model_index.json").is_file()
