@@ -23,7 +23,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -121,19 +121,26 @@ def _delta(weight: torch.Tensor, factors: Sequence[tuple[LayerFactors, float]]) 
     return total
 
 
+class ComponentWeights(Protocol):
+    def weight_for(self, component: str) -> float: ...
+
+
 @contextlib.contextmanager
-def fused(pipeline: Any, selection: Sequence[tuple[HarvestedLoRA, float]]) -> Iterator[int]:
+def fused(
+    pipeline: Any, selection: Sequence[tuple[HarvestedLoRA, ComponentWeights]]
+) -> Iterator[int]:
     """Fuse the weighted LoRAs into the model; restore the touched tensors on exit.
 
     Yields the number of tensors changed. The restore runs whatever happens inside.
     """
     components = lora_components(pipeline)
     per_layer: dict[tuple[str, str], list[tuple[LayerFactors, float]]] = {}
-    for lora, lora_weight in selection:
-        if lora_weight == 0:
-            continue
-        for layer_key, layer in lora.layers.items():
-            per_layer.setdefault(layer_key, []).append((layer, lora_weight))
+    for lora, weights in selection:
+        for (component_name, module_name), layer in lora.layers.items():
+            layer_weight = weights.weight_for(component_name)
+            if layer_weight != 0:
+                key = (component_name, module_name)
+                per_layer.setdefault(key, []).append((layer, layer_weight))
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
         with torch.no_grad():

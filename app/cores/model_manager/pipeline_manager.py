@@ -24,6 +24,7 @@ from app.cores.model_manager.lora_fusion import (
     HarvestedLoRA,
     fused,
     harvest,
+    lora_components,
 )
 from app.cores.model_manager.model_family import ModelFamily, family_of_pipeline
 from app.cores.model_manager.model_hash import model_hash as hash_model_folder
@@ -58,7 +59,11 @@ class DiffusionParams:
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """A LoRA to load as adapter ``adapter_name``; ``display_name`` is for the logs."""
+    """A LoRA to load as adapter ``adapter_name``; ``display_name`` is for the logs.
+
+    ``weight`` applies to every component unless ``unet_weight`` (the UNet or transformer)
+    or ``text_encoder_weight`` (every text encoder) overrides it.
+    """
 
     adapter_name: str
     display_name: str
@@ -66,6 +71,21 @@ class AdapterSpec:
     weight: float
     cache_key: str
     """Identifies the file's content (its sha256): a changed file is a different entry."""
+    unet_weight: float | None = None
+    text_encoder_weight: float | None = None
+
+    def weight_for(self, component: str) -> float:
+        is_text = component.startswith("text_encoder")
+        override = self.text_encoder_weight if is_text else self.unet_weight
+        return self.weight if override is None else override
+
+    def describe_weight(self) -> str:
+        if self.unet_weight is None and self.text_encoder_weight is None:
+            return f"weight {self.weight}"
+        return (
+            f"weight {self.weight}; unet {self.weight_for('unet')}, "
+            f"text encoder {self.weight_for('text_encoder')}"
+        )
 
 
 @dataclass(frozen=True)
@@ -222,14 +242,12 @@ class PipelineManager:
             return
         for adapter in adapters:
             logger.info(
-                "Applying LoRA '%s' as %s (weight %s)",
+                "Applying LoRA '%s' as %s (%s)",
                 adapter.display_name,
                 adapter.adapter_name,
-                adapter.weight,
+                adapter.describe_weight(),
             )
-        pairs = [
-            (entry, adapter.weight) for entry, adapter in zip(harvested, adapters, strict=True)
-        ]
+        pairs = list(zip(harvested, adapters, strict=True))
         with fused(self.pipeline, pairs) as changed:
             logger.info("Fused %d LoRA(s) into %d tensors", len(adapters), changed)
             yield
@@ -265,16 +283,18 @@ class PipelineManager:
         try:
             for adapter in adapters:
                 logger.info(
-                    "Loading LoRA '%s' as %s (weight %s)",
+                    "Loading LoRA '%s' as %s (%s)",
                     adapter.display_name,
                     adapter.adapter_name,
-                    adapter.weight,
+                    adapter.describe_weight(),
                 )
                 self.pipeline.load_lora_weights(
                     adapter.path, adapter_name=adapter.adapter_name, use_safetensors=True
                 )
+            components = list(lora_components(self.pipeline))
             self.pipeline.set_adapters(
-                [a.adapter_name for a in adapters], adapter_weights=[a.weight for a in adapters]
+                [a.adapter_name for a in adapters],
+                adapter_weights=[{c: a.weight_for(c) for c in components} for a in adapters],
             )
         except BaseException:
             self.unload_loras()

@@ -37,6 +37,16 @@ class InfotextLoRA:
     weight: float
     short_hash: str | None
     """AutoV3; None leaves the LoRA out of ``Lora hashes`` (A1111 does the same)."""
+    text_encoder_weight: float | None = None
+    unet_weight: float | None = None
+
+    def token(self) -> str:
+        """``<lora:NAME:W>``, or A1111's ``<lora:NAME:TE:UNET>`` when the components differ."""
+        if self.text_encoder_weight is None and self.unet_weight is None:
+            return f"<lora:{lora_alias(self.name)}:{_weight(self.weight)}>"
+        te = self.weight if self.text_encoder_weight is None else self.text_encoder_weight
+        unet = self.weight if self.unet_weight is None else self.unet_weight
+        return f"<lora:{lora_alias(self.name)}:{_weight(te)}:{_weight(unet)}>"
 
 
 def _clean(text: str) -> str:
@@ -92,7 +102,7 @@ def build_infotext(
     hashes = [f"{lora_alias(lora.name)}: {lora.short_hash}" for lora in loras if lora.short_hash]
     if hashes:
         fields.append(("Lora hashes", ", ".join(hashes)))
-    tokens = " ".join(f"<lora:{lora_alias(lora.name)}:{_weight(lora.weight)}>" for lora in loras)
+    tokens = " ".join(lora.token() for lora in loras)
     prompt = " ".join(part for part in (_clean(config.prompt), tokens) if part)
     lines = [prompt]
     if config.negative_prompt:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
@@ -22,6 +21,7 @@ from app.features.generators.samplers import make_scheduler
 from app.features.generators.schemas import GeneratorConfig
 from app.features.loras.base_model import incompatibility_message, is_compatible
 from app.features.loras.lora_inspector import InvalidLoRAError, check_lora_fits_pipeline
+from app.features.loras.service import LoRASelection
 from app.services.events import EventEmitter
 
 PHASE_IMAGE_GENERATION = "image_generation"
@@ -38,26 +38,23 @@ class LoRAIncompatibleError(BadRequestError):
     """A requested LoRA does not fit the loaded model."""
 
 
-@dataclass(frozen=True)
-class PlannedLoRA:
-    id: int
-    name: str
-    path: Path
-    weight: float
-    sha256: str
-    base_model: str | None = None
-    """The family it was made for (``base_model`` column); None for unknown."""
-    tensor_sha256: str | None = None
-
-    def adapter(self) -> AdapterSpec:
-        return AdapterSpec(f"lora_{self.id}", self.name, str(self.path), self.weight, self.sha256)
+def adapter_for(lora: LoRASelection) -> AdapterSpec:
+    return AdapterSpec(
+        adapter_name=lora.adapter_name,
+        display_name=lora.name,
+        path=str(lora.file_path),
+        weight=lora.weight,
+        cache_key=lora.sha256,
+        unet_weight=lora.unet_weight,
+        text_encoder_weight=lora.text_encoder_weight,
+    )
 
 
 @dataclass(frozen=True)
 class GenerationPlan:
     config: GeneratorConfig
     seeds: list[int]
-    loras: tuple[PlannedLoRA, ...] = ()
+    loras: tuple[LoRASelection, ...] = ()
 
     @property
     def phases(self) -> list[str]:
@@ -123,7 +120,7 @@ class GenerationRun:
     model_hash: str | None
 
 
-def check_families(pipeline: PipelineManager, loras: tuple[PlannedLoRA, ...]) -> None:
+def check_families(pipeline: PipelineManager, loras: tuple[LoRASelection, ...]) -> None:
     """Refuse a LoRA made for another model family, naming both, before anything is read."""
     for lora in loras:
         if is_compatible(lora.base_model, pipeline.family) is False:
@@ -142,10 +139,10 @@ def run_generation(
     # also checked against the model before the pipeline is touched.
     for lora in plan.loras:
         try:
-            check_lora_fits_pipeline(lora.path, pipeline.pipeline, lora.name)
+            check_lora_fits_pipeline(lora.file_path, pipeline.pipeline, lora.name)
         except InvalidLoRAError as error:
             raise LoRAIncompatibleError(str(error)) from error
-    with pipeline.loras_applied([lora.adapter() for lora in plan.loras]):
+    with pipeline.loras_applied([adapter_for(lora) for lora in plan.loras]):
         output = _generate(pipeline, plan, events)
     return GenerationRun(output, pipeline.model_id, pipeline.model_hash)
 

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import Iterator
+from dataclasses import replace
 from functools import partial
 
 import anyio.to_thread
@@ -23,7 +24,6 @@ from app.features.generators.runner import (
     PHASE_IMAGE_GENERATION,
     GenerationPlan,
     GenerationRun,
-    PlannedLoRA,
     run_generation,
 )
 from app.features.generators.samplers import SamplerInfo, list_samplers
@@ -73,7 +73,14 @@ def _save_images(
     output: GenerationOutput,
 ) -> list[GeneratedItem]:
     loras = [
-        InfotextLoRA(lora.name, lora.weight, autov3(lora.tensor_sha256)) for lora in plan.loras
+        InfotextLoRA(
+            lora.name,
+            lora.weight,
+            autov3(lora.tensor_sha256),
+            text_encoder_weight=lora.text_encoder_weight,
+            unet_weight=lora.unet_weight,
+        )
+        for lora in plan.loras
     ]
     items: list[GeneratedItem] = []
     try:
@@ -98,23 +105,17 @@ def _save_images(
 
 
 @contextlib.contextmanager
-def _pinned(storage: Storage, selections: list[LoRASelection]) -> Iterator[tuple[PlannedLoRA, ...]]:
+def _pinned(
+    storage: Storage, selections: list[LoRASelection]
+) -> Iterator[tuple[LoRASelection, ...]]:
     """Hard links to the LoRA files, so that deleting a LoRA cannot break this generation."""
     try:
         with file_manager.pinned_copies(
             storage.get_loras_dir(), [s.file_path for s in selections]
         ) as paths:
             yield tuple(
-                PlannedLoRA(
-                    s.id,
-                    s.name,
-                    path,
-                    s.weight,
-                    s.sha256,
-                    base_model=s.base_model,
-                    tensor_sha256=s.tensor_sha256,
-                )
-                for s, path in zip(selections, paths, strict=True)
+                replace(selection, file_path=path)
+                for selection, path in zip(selections, paths, strict=True)
             )
     except FileNotFoundError as error:
         missing = next((s for s in selections if not s.file_path.is_file()), None)

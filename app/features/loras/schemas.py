@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
 MAX_LORAS_PER_GENERATION = 5
 
@@ -12,8 +13,22 @@ class LoRAUploadRequest(BaseModel):
 
 
 class LoRAConfigItem(BaseModel):
+    """One LoRA of a generation. ``weight`` is the UI's slider; the optional per-component
+    weights override it for the UNet (or transformer) and for the text encoder(s)."""
+
     lora_id: int
     weight: float = Field(default=1.0, ge=0.0, le=2.0)
+    unet_weight: float | None = Field(default=None, ge=0.0, le=2.0)
+    text_encoder_weight: float | None = Field(default=None, ge=0.0, le=2.0)
+
+    @model_serializer(mode="wrap")
+    def _as_sent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Stored in histories as sent: overrides the request did not give stay absent.
+        data: dict[str, Any] = handler(self)
+        for key in ("unet_weight", "text_encoder_weight"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
 
 class LoRAInfo(BaseModel):

@@ -40,7 +40,10 @@ class LoRASelection:
     weight: float
     sha256: str
     base_model: str | None = None
+    """The family it was made for (``base_model`` column); None for unknown."""
     tensor_sha256: str | None = None
+    unet_weight: float | None = None
+    text_encoder_weight: float | None = None
 
     @property
     def adapter_name(self) -> str:
@@ -225,6 +228,8 @@ async def select_loras(
                 row.sha256,
                 base_model=row.base_model,
                 tensor_sha256=row.tensor_sha256,
+                unet_weight=item.unet_weight,
+                text_encoder_weight=item.text_encoder_weight,
             )
         )
     return selections

@@ -1,0 +1,127 @@
+"""Per-component LoRA weights: each override changes exactly the component it names."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from app.cores.model_manager.lora_fusion import HarvestCache
+from app.cores.model_manager.pipeline_manager import AdapterSpec, PipelineManager
+from tests.app.features.generators.test_generate_with_loras import generate, pixels, upload
+from tests.factories.lora_files import write_lora
+
+
+def _copy_keeping(source: Path, target: Path, keep: Callable[[str], bool]) -> Path:
+    """A copy of a Kohya LoRA with only some of its layers (and their alphas)."""
+    with safe_open(str(source), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys() if keep(key)}  # noqa: SIM118
+        metadata = handle.metadata()
+    save_file(tensors, str(target), metadata=metadata)
+    return target
+
+
+@pytest.fixture
+def lora_parts(tmp_path: Path, tiny_pipeline: StableDiffusionPipeline) -> dict[str, Path]:
+    full = write_lora(
+        tmp_path / "full.safetensors",
+        tiny_pipeline,
+        fmt="kohya",
+        components=("unet", "text_encoder"),
+        seed=21,
+    )
+    return {
+        "full": full,
+        "unet_only": _copy_keeping(
+            full, tmp_path / "unet_only.safetensors", lambda key: key.startswith("lora_unet_")
+        ),
+        "text_encoder_only": _copy_keeping(
+            full, tmp_path / "te_only.safetensors", lambda key: key.startswith("lora_te_")
+        ),
+    }
+
+
+async def test_text_encoder_weight_zero_equals_the_unet_only_copy_and_conversely(
+    loaded_client: httpx.AsyncClient, lora_parts: dict[str, Path]
+) -> None:
+    ids = {name: await upload(loaded_client, path) for name, path in lora_parts.items()}
+
+    async def image(loras: list[dict[str, Any]]) -> np.ndarray:
+        return (await pixels(loaded_client, await generate(loaded_client, loras)))[0]
+
+    full_unet_only = await image(
+        [{"lora_id": ids["full"], "weight": 1.4, "text_encoder_weight": 0}]
+    )
+    unet_copy = await image([{"lora_id": ids["unet_only"], "weight": 1.4}])
+    assert np.array_equal(full_unet_only, unet_copy)
+
+    full_te_only = await image([{"lora_id": ids["full"], "weight": 0.7, "unet_weight": 0}])
+    te_copy = await image([{"lora_id": ids["text_encoder_only"], "weight": 0.7}])
+    assert np.array_equal(full_te_only, te_copy)
+
+    everything = await image([{"lora_id": ids["full"], "weight": 1.0}])
+    assert not np.array_equal(everything, unet_copy)
+    assert not np.array_equal(everything, te_copy)
+    assert not np.array_equal(unet_copy, te_copy)
+
+
+async def test_overrides_are_stored_as_sent_and_written_as_a1111_tokens(
+    loaded_client: httpx.AsyncClient, lora_parts: dict[str, Path]
+) -> None:
+    lora_id = await upload(loaded_client, lora_parts["full"])
+    loras = [{"lora_id": lora_id, "weight": 0.8, "unet_weight": 1.25}]
+    response = await generate(loaded_client, loras)
+    assert response.status_code == 200
+    assert (await loaded_client.get("/histories")).json()[-1]["config"]["loras"] == loras
+    png = await loaded_client.get(f"/{response.json()['items'][0]['path']}")
+    info = Image.open(io.BytesIO(png.content)).info["parameters"]
+    assert "<lora:full:0.8:1.25>" in info  # A1111: <lora:NAME:TE:UNET>
+
+
+@pytest.mark.parametrize("field", ["unet_weight", "text_encoder_weight"])
+@pytest.mark.parametrize("value", [-0.5, 2.5])
+async def test_out_of_range_component_weights_are_refused(
+    loaded_client: httpx.AsyncClient, field: str, value: float
+) -> None:
+    config = {"prompt": "x", "loras": [{"lora_id": 1, "weight": 1, field: value}]}
+    response = await loaded_client.post("/histories", json=config)
+    assert response.status_code == 422
+    assert field in response.text
+
+
+def test_diffusers_adapter_path_honours_component_weights(
+    tiny_pipeline: StableDiffusionPipeline, lora_parts: dict[str, Path]
+) -> None:
+    """With the LoRA cache off (Plan 006's path), diffusers gets per-component weights."""
+    manager = PipelineManager(tiny_pipeline, "tiny", torch.device("cpu"), HarvestCache(0, 0))
+
+    def render(path: Path, **weights: float) -> np.ndarray:
+        spec = AdapterSpec("lora_1", path.stem, str(path), 1.0, path.stem, **weights)
+        with manager.loras_applied([spec]):
+            result = tiny_pipeline(
+                "a red fox",
+                num_inference_steps=3,
+                height=64,
+                width=64,
+                generator=torch.Generator().manual_seed(5),
+                output_type="np",
+            )
+        images: np.ndarray = result.images
+        return images
+
+    assert np.array_equal(
+        render(lora_parts["full"], text_encoder_weight=0.0), render(lora_parts["unet_only"])
+    )
+    assert np.array_equal(
+        render(lora_parts["full"], unet_weight=0.0), render(lora_parts["text_encoder_only"])
+    )
