@@ -52,5 +52,8 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/python -m pytest
 
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.lora_speed
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
