@@ -76,31 +76,45 @@ def lora_components(pipeline: Any) -> dict[str, torch.nn.Module]:
     return found
 
 
-def harvest(pipeline: Any, path: str, key: str) -> HarvestedLoRA:
-    """Load ``path`` through diffusers, copy its factors out, and remove the adapter again."""
+@dataclass(frozen=True)
+class HarvestRequest:
+    path: str
+    key: str
+    display_name: str
+
+
+def harvest(pipeline: Any, requests: Sequence[HarvestRequest]) -> list[HarvestedLoRA]:
+    """Load the LoRAs through diffusers, copy their factors out, and remove them again.
+
+    All of them are loaded first and read in one walk over the modules, then removed with one
+    ``unload_lora_weights``: the module walks and the unload are the expensive part.
+    """
     from peft.tuners.lora import LoraLayer
 
-    # use_safetensors: never fall back to diffusers' pickle loader.
-    pipeline.load_lora_weights(path, adapter_name=_HARVEST_ADAPTER, use_safetensors=True)
+    names = {f"{_HARVEST_ADAPTER}_{index}": request for index, request in enumerate(requests)}
+    layers: dict[str, dict[tuple[str, str], LayerFactors]] = {name: {} for name in names}
     try:
-        layers: dict[tuple[str, str], LayerFactors] = {}
+        for name, request in names.items():
+            # use_safetensors: never fall back to diffusers' pickle loader.
+            pipeline.load_lora_weights(request.path, adapter_name=name, use_safetensors=True)
         for component_name, component in lora_components(pipeline).items():
             for module_name, found in component.named_modules():
-                if not isinstance(found, LoraLayer) or _HARVEST_ADAPTER not in found.lora_A:
+                if not isinstance(found, LoraLayer):
                     continue
                 module: Any = found  # peft's layer attributes are untyped
-                if module.use_dora.get(_HARVEST_ADAPTER, False):
-                    raise FusionUnsupportedError("DoRA layers")
-                bias = module.lora_B[_HARVEST_ADAPTER].bias
-                layers[(component_name, module_name)] = LayerFactors(
-                    down=module.lora_A[_HARVEST_ADAPTER].weight.detach().clone(),
-                    up=module.lora_B[_HARVEST_ADAPTER].weight.detach().clone(),
-                    scale=float(module.scaling[_HARVEST_ADAPTER]),
-                    bias=bias.detach().clone() if bias is not None else None,
-                )
+                for name in names.keys() & module.lora_A.keys():
+                    if module.use_dora.get(name, False):
+                        raise FusionUnsupportedError(f"'{names[name].display_name}' has DoRA")
+                    bias = module.lora_B[name].bias
+                    layers[name][(component_name, module_name)] = LayerFactors(
+                        down=module.lora_A[name].weight.detach().clone(),
+                        up=module.lora_B[name].weight.detach().clone(),
+                        scale=float(module.scaling[name]),
+                        bias=bias.detach().clone() if bias is not None else None,
+                    )
     finally:
         pipeline.unload_lora_weights()
-    return HarvestedLoRA(key=key, layers=layers)
+    return [HarvestedLoRA(key=request.key, layers=layers[name]) for name, request in names.items()]
 
 
 def _delta(weight: torch.Tensor, factors: Sequence[tuple[LayerFactors, float]]) -> torch.Tensor:

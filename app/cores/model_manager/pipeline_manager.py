@@ -22,6 +22,7 @@ from app.cores.model_manager.lora_fusion import (
     FusionUnsupportedError,
     HarvestCache,
     HarvestedLoRA,
+    HarvestRequest,
     fused,
     harvest,
     lora_components,
@@ -255,23 +256,22 @@ class PipelineManager:
 
     def _prepared(self, adapters: list[AdapterSpec]) -> list[HarvestedLoRA] | None:
         """The harvested form of every adapter, or None if one cannot be fused."""
-        keep = {adapter.cache_key for adapter in adapters}
-        prepared = []
-        for adapter in adapters:
-            entry = self.lora_cache.get(adapter.cache_key)
-            if entry is None:
-                try:
-                    entry = harvest(self.pipeline, adapter.path, adapter.cache_key)
-                except FusionUnsupportedError as reason:
-                    logger.info(
-                        "LoRA '%s' has %s: applying it as an unfused adapter",
-                        adapter.display_name,
-                        reason,
-                    )
-                    return None
-                self.lora_cache.put(entry, keep)
-            prepared.append(entry)
-        return prepared
+        cached: dict[str, HarvestedLoRA | None] = {
+            a.cache_key: self.lora_cache.get(a.cache_key) for a in adapters
+        }
+        missing = [a for a in adapters if cached[a.cache_key] is None]
+        if missing:
+            requests = [HarvestRequest(a.path, a.cache_key, a.display_name) for a in missing]
+            try:
+                harvested = harvest(self.pipeline, requests)
+            except FusionUnsupportedError as reason:
+                logger.info("%s: applying the LoRAs as unfused adapters", reason)
+                return None
+            keep = set(cached)
+            for new in harvested:
+                self.lora_cache.put(new, keep)
+                cached[new.key] = new
+        return [entry for a in adapters if (entry := cached[a.cache_key]) is not None]
 
     def load_loras(self, adapters: list[AdapterSpec]) -> None:
         """Load each LoRA as its own adapter and activate them all with their weights.
