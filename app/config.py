@@ -46,6 +46,28 @@ class Settings(BaseSettings):
     lora_cache_max_bytes: int = Field(
         default=2048 * MiB, ge=0, description="Memory the prepared LoRAs may use, bytes."
     )
+    huggingface_base_url: str = Field(
+        default="https://huggingface.co",
+        description="Where Hugging Face files are fetched (/{repo_id}/resolve/{revision}/{file}).",
+    )
+    civitai_base_url: str = Field(
+        default="https://civitai.com", description="CivitAI site and API (/api/v1/...)."
+    )
+    lora_download_max_parallel: int = Field(
+        default=3, ge=1, le=16, description="LoRA downloads running at once; the rest queue."
+    )
+    lora_download_attempts: int = Field(
+        default=4,
+        ge=1,
+        le=10,
+        description="Tries per download after connection errors (resuming where possible).",
+    )
+    lora_download_retry_delay: float = Field(
+        default=1.0, ge=0, le=60, description="Seconds before the first retry; doubles each time."
+    )
+    lora_download_timeout: float = Field(
+        default=30.0, gt=0, le=600, description="Seconds to connect, or to wait for more data."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("device")
@@ -61,6 +83,14 @@ class Settings(BaseSettings):
     def _check_database_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith("sqlite+aiosqlite://"):
             raise ValueError("only SQLite through aiosqlite is supported: sqlite+aiosqlite:///PATH")
+        return value
+
+    @field_validator("huggingface_base_url", "civitai_base_url")
+    @classmethod
+    def _check_base_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if not re.match(r"^https?://[^/?#]+(/[^?#]*)?$", value):
+            raise ValueError("must be an http:// or https:// URL without query")
         return value
 
     @property

@@ -18,20 +18,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.config import Settings
 from app.cores.model_manager.model_manager import ModelManager
 from app.database import hooks
+from app.features.loras.downloads.manager import DownloadManager
 from app.services.events import EventEmitter
 from app.services.storage import Storage
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    async with request.app.state.session_factory() as session:
-        try:
-            yield session
-            await session.commit()
-        except BaseException:
-            await session.rollback()
-            hooks.run_after_rollback(session)
-            raise
-        hooks.run_after_commit(session)
+    async with hooks.transaction(request.app.state.session_factory) as session:
+        yield session
 
 
 async def get_settings(request: Request) -> Settings:
@@ -54,8 +48,14 @@ async def get_events(request: Request) -> EventEmitter:
     return events
 
 
+async def get_lora_downloads(request: Request) -> DownloadManager:
+    downloads: DownloadManager = request.app.state.lora_downloads
+    return downloads
+
+
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ModelManagerDep = Annotated[ModelManager, Depends(get_model_manager)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 EventsDep = Annotated[EventEmitter, Depends(get_events)]
+LoRADownloadsDep = Annotated[DownloadManager, Depends(get_lora_downloads)]

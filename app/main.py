@@ -26,6 +26,7 @@ from app.features.health.api import router as health_router
 from app.features.histories.api import router as histories_router
 from app.features.loras import service as loras_service
 from app.features.loras.api import router as loras_router
+from app.features.loras.downloads.manager import DownloadManager
 from app.features.models import service as models_service
 from app.features.models.api import router as models_router
 from app.features.styles.api import router as styles_router
@@ -56,12 +57,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await events.start()
     models = ModelManager(events, settings.lora_cache_max_count, settings.lora_cache_max_bytes)
     models.safety_check_enabled = read_user_config(storage).safety_check_enabled
+    downloads = DownloadManager(settings, storage, session_factory, events, models)
     app.state.session_factory = session_factory
     app.state.model_manager = models
+    app.state.lora_downloads = downloads
     logger.info("Backend ready; cache folder %s", settings.cache_dir.resolve())
     try:
         yield
     finally:
+        await downloads.aclose()  # cancels running downloads, removes their temporary files
         await anyio.to_thread.run_sync(models.shutdown)
         await events.stop()
         await engine.dispose()

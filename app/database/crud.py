@@ -136,10 +136,10 @@ async def create_lora(
     file_path: str,
     file_size: int,
     sha256: str,
-    source_path: str,
+    source_path: str | None,
     details: Mapping[str, Any] | None = None,
 ) -> LoRA:
-    """``details``: the extra columns by name (``LoRADetails.columns()``)."""
+    """``details``: the extra columns by name (``LoRADetails.columns()``, ``source_url``...)."""
     row = LoRA(
         name=name,
         file_path=file_path,

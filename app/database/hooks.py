@@ -2,15 +2,17 @@
 
 A file must disappear only once the row that points at it is gone for good, and a file
 copied for a row that never got committed must not stay behind. Services register such
-work here; ``app.deps.get_session`` runs it after the one commit or rollback.
+work here; :func:`transaction` (behind ``app.deps.get_session``, and used by background
+work such as LoRA downloads) runs it after the one commit or rollback.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 logger = logging.getLogger(__name__)
 
@@ -43,3 +45,20 @@ def run_after_commit(session: AsyncSession) -> None:
 
 def run_after_rollback(session: AsyncSession) -> None:
     _run(session, _AFTER_ROLLBACK)
+
+
+@asynccontextmanager
+async def transaction(
+    session_factory: async_sessionmaker[AsyncSession],
+) -> AsyncIterator[AsyncSession]:
+    """One session, committed once when the block ends, rolled back if anything raised (a
+    cancellation too); then the registered file work for that outcome runs."""
+    async with session_factory() as session:
+        try:
+            yield session
+            await session.commit()
+        except BaseException:
+            await session.rollback()
+            run_after_rollback(session)
+            raise
+        run_after_commit(session)

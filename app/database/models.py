@@ -102,3 +102,7 @@ class LoRA(Base, TimestampMixin):
     raw_metadata: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
     metadata_truncated: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     tensor_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Where a downloaded LoRA came from (migration 0004): the URL (never a token), and for
+    # CivitAI the model-version data (ids, names, baseModel, trainedWords, file hashes).
+    source_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    civitai: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)

@@ -2,8 +2,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query, status
 
-from app.deps import ModelManagerDep, SessionDep, SettingsDep, StorageDep
+from app.deps import LoRADownloadsDep, ModelManagerDep, SessionDep, SettingsDep, StorageDep
 from app.features.loras import service
+from app.features.loras.downloads.schemas import (
+    LoRADownloadCancelResponse,
+    LoRADownloadInfo,
+    LoRADownloadListResponse,
+    LoRADownloadRequest,
+)
 from app.features.loras.schemas import (
     LoRADeleteResponse,
     LoRAInfo,
@@ -25,6 +31,40 @@ async def upload_lora(
     """Add a LoRA: validate the .safetensors file at `file_path`, describe it (format, base
     model, trigger words, hashes) and copy it into the cache."""
     return await service.upload_lora(session, storage, settings, models, body.file_path)
+
+
+@router.post("/download", status_code=status.HTTP_202_ACCEPTED)
+async def download_lora(
+    body: LoRADownloadRequest, session: SessionDep, downloads: LoRADownloadsDep
+) -> LoRADownloadInfo:
+    """Add a LoRA from Hugging Face, CivitAI or a URL. Answers at once with the download
+    (state ``queued``, or ``failed`` when CivitAI could not describe the version); progress
+    arrives as ``lora_download_*`` events and at ``GET /loras/downloads/{id}``. 409 when
+    CivitAI's SHA256 names a LoRA already added."""
+    return (await downloads.start(body, session)).info()
+
+
+@router.get("/downloads")
+async def list_lora_downloads(downloads: LoRADownloadsDep) -> LoRADownloadListResponse:
+    """Running, queued and recently finished downloads, newest first."""
+    return LoRADownloadListResponse(downloads=[d.info() for d in downloads.recent()])
+
+
+@router.get("/downloads/{download_id}")
+async def get_lora_download(download_id: str, downloads: LoRADownloadsDep) -> LoRADownloadInfo:
+    """One download: its state, bytes so far, the LoRA once completed, why it failed."""
+    return downloads.get(download_id).info()
+
+
+@router.delete("/downloads/{download_id}")
+async def cancel_lora_download(
+    download_id: str, downloads: LoRADownloadsDep
+) -> LoRADownloadCancelResponse:
+    """Cancel a queued or running download; nothing of it is kept. 409 once it finished."""
+    await downloads.cancel(download_id)
+    return LoRADownloadCancelResponse(
+        id=download_id, message=f"LoRA download {download_id} cancelled"
+    )
 
 
 @router.get("")

@@ -70,22 +70,33 @@ def check_source(file_path: str, max_size: int) -> Path:
     if not stat.S_ISREG(info.st_mode):
         kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
         raise LoRAFileError(f"Path is not a file ({kind}): {file_path}")
-    suffix = path.suffix.lower()
-    if suffix in _PICKLE_EXTENSIONS:
-        raise LoRAFileError(
-            f"'{path.name}' is a pickle-based file ({suffix}). Only .safetensors LoRA files are "
-            "accepted, because pickle files can run arbitrary code when loaded; convert it "
-            "to .safetensors first."
-        )
-    if suffix != LORA_EXTENSION:
-        raise LoRAFileError(f"File must be a .safetensors file: '{path.name}'")
+    check_name(path.name)
     if info.st_size == 0:
         raise LoRAFileError(f"File is empty: '{path.name}'")
     if info.st_size > max_size:
-        raise LoRAFileError(
-            f"File size ({_mb(info.st_size)}) of '{path.name}' exceeds limit ({_mb(max_size)})"
-        )
+        raise LoRAFileError(size_limit_message(path.name, max_size, info.st_size))
     return path
+
+
+def check_name(file_name: str, *, pickle_only: bool = False) -> None:
+    """Refuse pickle-based files by name (and, unless ``pickle_only``, any name that does not
+    end in .safetensors)."""
+    suffix = Path(file_name).suffix.lower()
+    if suffix in _PICKLE_EXTENSIONS:
+        raise LoRAFileError(
+            f"'{file_name}' is a pickle-based file ({suffix}). Only .safetensors LoRA files are "
+            "accepted, because pickle files can run arbitrary code when loaded; convert it "
+            "to .safetensors first."
+        )
+    if suffix != LORA_EXTENSION and not pickle_only:
+        raise LoRAFileError(f"File must be a .safetensors file: '{file_name}'")
+
+
+def size_limit_message(file_name: str, max_size: int, size: int | None = None) -> str:
+    """``size``: when known before reading; else the file outgrew the limit while read."""
+    if size is None:
+        return f"File '{file_name}' exceeds limit ({_mb(max_size)})"
+    return f"File size ({_mb(size)}) of '{file_name}' exceeds limit ({_mb(max_size)})"
 
 
 @contextlib.contextmanager
@@ -115,7 +126,7 @@ def _copy_hashing(source: Path, target_fd: int, max_size: int) -> _Copied:
         while chunk := os.read(source_fd, _CHUNK):
             copied += len(chunk)
             if copied > max_size:  # the file grew after the size check
-                raise LoRAFileError(f"File '{source.name}' exceeds limit ({_mb(max_size)})")
+                raise LoRAFileError(size_limit_message(source.name, max_size))
             digest.update(chunk)
             payload.update(chunk)
             os.write(target_fd, chunk)
@@ -151,20 +162,33 @@ def stage_copy(source: Path, loras_dir: Path, max_size: int) -> StagedLoRA:
             copied = _copy_hashing(source, fd, max_size)
         finally:
             os.close(fd)
-        header, inspection = _validate_copy(temp_path, source.name)
-        details = describe_lora(temp_path, header, inspection, copied.tensor_sha256)
     except OSError as error:
         temp_path.unlink(missing_ok=True)
         raise LoRAFileError(f"Could not copy '{source.name}': {error.strerror}") from None
     except BaseException:
         temp_path.unlink(missing_ok=True)
         raise
+    return validate_staged(temp_path, source.name, copied.sha256, copied.tensor_sha256, copied.size)
+
+
+def validate_staged(
+    temp_path: Path, display: str, sha256: str, tensor_sha256: str | None, size: int
+) -> StagedLoRA:
+    """Validate and describe a complete temporary file in the LoRA folder (a copy or a
+    download, hashed while written); messages name ``display``. Removed when refused."""
+    try:
+        if size == 0:
+            raise LoRAFileError(f"File is empty: '{display}'")
+        header, inspection = _validate_copy(temp_path, display)
+        details = describe_lora(temp_path, header, inspection, tensor_sha256)
+    except OSError as error:
+        temp_path.unlink(missing_ok=True)
+        raise LoRAFileError(f"Could not read '{display}': {error.strerror}") from None
+    except BaseException:
+        temp_path.unlink(missing_ok=True)
+        raise
     return StagedLoRA(
-        temp_path=temp_path,
-        sha256=copied.sha256,
-        size=copied.size,
-        inspection=inspection,
-        details=details,
+        temp_path=temp_path, sha256=sha256, size=size, inspection=inspection, details=details
     )
 
 

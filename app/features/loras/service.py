@@ -1,13 +1,14 @@
-"""LoRA records: upload (copy + validate + describe + dedupe), list, get, delete, start-up
-repair; which LoRAs fit the loaded model."""
+"""LoRA records: upload (copy + validate + describe + dedupe) and the ingest step it shares
+with downloads, list, get, delete, start-up repair; which LoRAs fit the loaded model."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import anyio.to_thread
 from sqlalchemy.exc import IntegrityError
@@ -91,7 +92,7 @@ async def _to_infos(rows: Sequence[LoRA], loaded_family: ModelFamily | None) -> 
     return await anyio.to_thread.run_sync(lambda: [to_info(row, loaded_family) for row in rows])
 
 
-def _duplicate_message(row: LoRA) -> str:
+def duplicate_message(row: LoRA) -> str:
     return f"This file is already added as LoRA '{row.name}' (id {row.id})."
 
 
@@ -105,6 +106,20 @@ async def _display_name(session: AsyncSession, stem: str) -> str:
     return f"{stem} ({number})"
 
 
+@dataclass(frozen=True)
+class Origin:
+    """Where a staged LoRA came from: its display name (before de-duplication), the stem of
+    its stored file, and what the row records about the source."""
+
+    name: str
+    file_stem: str
+    source: str
+    """The user's path or the URL, for the log."""
+    source_path: str | None = None
+    columns: Mapping[str, Any] = field(default_factory=dict)
+    """Further columns (``source_url``, ``civitai``, overrides of the file's details)."""
+
+
 async def upload_lora(
     session: AsyncSession,
     storage: Storage,
@@ -113,22 +128,41 @@ async def upload_lora(
     file_path: str,
 ) -> LoRAInfo:
     source = file_manager.check_source(file_path, settings.lora_max_file_size)
-    loras_dir = storage.get_loras_dir()
     staged = await anyio.to_thread.run_sync(
-        file_manager.stage_copy, source, loras_dir, settings.lora_max_file_size
+        file_manager.stage_copy, source, storage.get_loras_dir(), settings.lora_max_file_size
     )
+    origin = Origin(
+        name=source.stem,
+        file_stem=file_manager.safe_stem(source.name),
+        source=str(source),
+        source_path=str(source),
+    )
+    return await ingest(session, storage, models, staged, origin)
+
+
+async def ingest(
+    session: AsyncSession,
+    storage: Storage,
+    models: ModelManager,
+    staged: file_manager.StagedLoRA,
+    origin: Origin,
+) -> LoRAInfo:
+    """The one way in for a validated file (an upload's copy or a download): dedupe by
+    sha256 (409), give it its final name, add its row. The temporary file is gone afterwards;
+    the final one is removed again if the session's transaction does not commit."""
+    loras_dir = storage.get_loras_dir()
     try:
         existing = await crud.get_lora_by_sha256(session, staged.sha256)
         if existing is not None:
-            raise ConflictError(_duplicate_message(existing))
+            raise ConflictError(duplicate_message(existing))
         stored = await anyio.to_thread.run_sync(
-            file_manager.place, staged, loras_dir, file_manager.safe_stem(source.name)
+            file_manager.place, staged, loras_dir, origin.file_stem
         )
     finally:
         file_manager.discard(staged.temp_path)
     # From here the copy lives or dies with the row: removed if the transaction fails.
     hooks.after_rollback(session, partial(file_manager.discard, stored))
-    row = await _create_row(session, source, str(stored.resolve()), staged)
+    row = await _create_row(session, origin, str(stored.resolve()), staged)
     details = staged.details
     logger.info(
         "Added LoRA '%s' (id %d, %s %s, %s, for %s) from %s",
@@ -138,7 +172,7 @@ async def upload_lora(
         details.network_type,
         "+".join(details.components),
         details.base_model,
-        source,
+        origin.source,
     )
     if details.base_model_note:
         logger.info("LoRA '%s': %s", row.name, details.base_model_note)
@@ -146,7 +180,7 @@ async def upload_lora(
 
 
 async def _create_row(
-    session: AsyncSession, source: Path, file_path: str, staged: file_manager.StagedLoRA
+    session: AsyncSession, origin: Origin, file_path: str, staged: file_manager.StagedLoRA
 ) -> LoRA:
     attempts = 0
     while True:
@@ -154,12 +188,12 @@ async def _create_row(
         try:
             return await crud.create_lora(
                 session,
-                name=await _display_name(session, source.stem),
+                name=await _display_name(session, origin.name),
                 file_path=file_path,
                 file_size=staged.size,
                 sha256=staged.sha256,
-                source_path=str(source),
-                details=staged.details.columns(),
+                source_path=origin.source_path,
+                details={**staged.details.columns(), **origin.columns},
             )
         except IntegrityError:
             # A concurrent request committed the same content (409), or took the same display
@@ -167,7 +201,7 @@ async def _create_row(
             await session.rollback()
             raced = await crud.get_lora_by_sha256(session, staged.sha256)
             if raced is not None:
-                raise ConflictError(_duplicate_message(raced)) from None
+                raise ConflictError(duplicate_message(raced)) from None
             if attempts >= _CREATE_ATTEMPTS:
                 raise
 

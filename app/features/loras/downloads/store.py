@@ -1,0 +1,65 @@
+"""A finished download enters the upload's path: hash check against what the service
+promised, the same validation, then ``service.ingest`` (dedupe, place, row) in a session of
+its own that commits once, with the same after-commit/after-rollback file work."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.cores.model_manager.model_manager import ModelManager
+from app.database import hooks
+from app.features.loras import file_manager, service
+from app.features.loras.downloads.partial_file import Written, in_thread
+from app.features.loras.downloads.plan import Plan
+from app.features.loras.downloads.remote import DownloadError
+from app.features.loras.metadata import MAX_TRIGGER_WORDS
+from app.features.loras.schemas import LoRAInfo
+from app.services.storage import Storage
+
+
+def check_hash(plan: Plan, written: Written, file_name: str) -> None:
+    expected = plan.expected_sha256
+    if expected is not None and written.sha256 != expected:
+        raise DownloadError(
+            f"The downloaded '{file_name}' does not match the SHA256 that "
+            f"{plan.target.service or 'the source'} lists (expected {expected}, got "
+            f"{written.sha256}); nothing was kept. Try again, or report the file."
+        )
+
+
+async def validate(written: Written, file_name: str) -> file_manager.StagedLoRA:
+    """The upload's validation and description (the temporary file is removed if refused)."""
+    return await in_thread(
+        file_manager.validate_staged,
+        written.path,
+        file_name,
+        written.sha256,
+        written.tensor_sha256,
+        written.size,
+    )
+
+
+def _origin(plan: Plan, staged: file_manager.StagedLoRA, file_name: str) -> service.Origin:
+    columns: dict[str, Any] = {"source_url": plan.public_url}
+    if plan.civitai is not None:  # (a JSON None would be stored as 'null')
+        columns["civitai"] = plan.civitai
+    if not staged.details.trigger_words and plan.trained_words:
+        columns["trigger_words"] = plan.trained_words[: MAX_TRIGGER_WORDS * 2]
+    stem = file_manager.safe_stem(file_name)
+    return service.Origin(name=stem, file_stem=stem, source=plan.public_url, columns=columns)
+
+
+async def ingest(
+    session_factory: async_sessionmaker[AsyncSession],
+    storage: Storage,
+    models: ModelManager,
+    plan: Plan,
+    staged: file_manager.StagedLoRA,
+    file_name: str,
+) -> LoRAInfo:
+    async with hooks.transaction(session_factory) as session:
+        return await service.ingest(
+            session, storage, models, staged, _origin(plan, staged, file_name)
+        )

@@ -1,0 +1,131 @@
+"""Fixtures for LoRA downloads: a fake remote (Hugging Face, CivitAI, plain files) on
+loopback, settings pointing at it with quick retries, real LoRA files, and helpers that wait
+with bounded timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import socketio
+import torch
+from diffusers import StableDiffusionPipeline
+from fastapi import FastAPI
+
+from app.config import Settings
+from app.main import create_app
+from tests.app.features.loras.conftest import LoRASources
+from tests.app.features.loras.downloads.fake_remote import FakeRemote, running_remote
+from tests.factories import lora_files
+
+FINISHED = {"completed", "failed", "cancelled"}
+TIMEOUT = 20.0
+
+
+@pytest.fixture
+def remote() -> Iterator[FakeRemote]:
+    with running_remote() as fake:
+        yield fake
+
+
+@pytest.fixture
+def settings(settings: Settings, remote: FakeRemote) -> Settings:
+    """The suite's settings, with both services on the fake remote and quick retries."""
+    return settings.model_copy(
+        update={
+            "huggingface_base_url": remote.url("/hf"),
+            "civitai_base_url": remote.url("/civitai"),
+            "lora_download_attempts": 3,
+            "lora_download_retry_delay": 0.01,
+            "lora_download_timeout": 5.0,
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def lora_bytes(lora_sources: LoRASources) -> dict[str, bytes]:
+    """Bytes of the factory's files: ``kohya_unet``, ``peft_unet``, ``pickle_renamed``..."""
+    return {path.stem: path.read_bytes() for path in lora_sources.folder.glob("*.safetensors")}
+
+
+@pytest.fixture(scope="session")
+def distinct_loras(
+    tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path
+) -> list[bytes]:
+    """20 real LoRA files that differ in content (their metadata)."""
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        str(embedded_model_dir), torch_dtype=torch.float32, local_files_only=True
+    )
+    folder = tmp_path_factory.mktemp("distinct-loras")
+    return [
+        lora_files.write_lora(
+            folder / f"{index}.safetensors", pipeline, metadata={"ss_output_name": f"n{index}"}
+        ).read_bytes()
+        for index in range(20)
+    ]
+
+
+@asynccontextmanager
+async def running_app(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """A fresh app on ``settings`` (lifespan run) and a client through the full ASGI stack."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=socketio.ASGIApp(app.state.sio, other_asgi_app=app))
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
+            yield app, http
+
+
+async def start(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
+    response = await client.post("/loras/download", json=body)
+    assert response.status_code == 202, response.text
+    info: dict[str, Any] = response.json()
+    return info
+
+
+async def wait_for(
+    client: httpx.AsyncClient,
+    download_id: str,
+    states: set[str] = FINISHED,
+    timeout: float = TIMEOUT,
+    min_bytes: int = 0,
+) -> dict[str, Any]:
+    """Poll ``GET /loras/downloads/{id}`` until its state is in ``states`` (and at least
+    ``min_bytes`` arrived); fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        response = await client.get(f"/loras/downloads/{download_id}")
+        assert response.status_code == 200, response.text
+        info: dict[str, Any] = response.json()
+        if info["state"] in states and info["bytes_done"] >= min_bytes:
+            return info
+        assert time.monotonic() < deadline, f"still {info} after {timeout}s"
+        await asyncio.sleep(0.02)
+
+
+async def download(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
+    """Start a download and wait until it finished."""
+    return await wait_for(client, (await start(client, body))["id"])
+
+
+def entries(settings: Settings) -> set[str]:
+    """Everything in ``<cache>/loras``, temporary files included."""
+    folder = settings.loras_dir
+    return {entry.name for entry in folder.iterdir()} if folder.is_dir() else set()
+
+
+async def lora_rows(client: httpx.AsyncClient) -> list[dict[str, Any]]:
+    response = await client.get("/loras")
+    assert response.status_code == 200, response.text
+    loras: list[dict[str, Any]] = response.json()["loras"]
+    return loras
+
+
+async def assert_nothing_kept(client: httpx.AsyncClient, settings: Settings) -> None:
+    assert entries(settings) == set()
+    assert await lora_rows(client) == []

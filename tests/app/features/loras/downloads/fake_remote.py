@@ -1,0 +1,264 @@
+"""A small threaded HTTP server on loopback that answers like the services LoRAs come from.
+
+* Files (``serve``): with or without Content-Length, a lying Content-Length, with or without
+  ``Range`` support, dropping the connection once mid-file, streaming slowly, behind a token.
+* Hugging Face (``hugging_face``): ``/hf/{repo_id}/resolve/{revision}/{filename}`` answers
+  302 to a "CDN" path (or to another server), like huggingface.co does.
+* CivitAI (``civitai_version``, ``civitai_model``): ``/civitai/api/v1/model-versions/{id}``
+  and ``/civitai/api/v1/models/{id}`` with the documented JSON shapes, and
+  ``/civitai/api/download/models/{id}`` redirecting to a storage path.
+
+Every request is recorded (method, path, headers) for the tests to inspect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+
+@dataclass
+class Served:
+    data: bytes
+    content_length: bool | int = True
+    """True: the real length; False: omitted (the body ends when the connection closes);
+    an int: that number is declared whatever the body is."""
+    ranges: bool = True
+    drop_after: int | None = None
+    """Send this many bytes of the first full answer, then cut the connection (once)."""
+    chunk: int = 16 * 1024
+    delay: float = 0.0
+    """Seconds to wait before each chunk."""
+    disposition: str | None = None
+    content_type: str = "application/octet-stream"
+
+
+@dataclass(frozen=True)
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]
+
+
+@dataclass
+class FakeRemote:
+    base_url: str = ""
+    files: dict[str, Served] = field(default_factory=dict)
+    redirects: dict[str, str] = field(default_factory=dict)
+    documents: dict[str, Any] = field(default_factory=dict)
+    statuses: dict[str, int] = field(default_factory=dict)
+    tokens: dict[str, str] = field(default_factory=dict)
+    """path -> the token it needs (401 without one, 403 with another)."""
+    requests: list[Recorded] = field(default_factory=list)
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+    def url(self, path: str) -> str:
+        return f"{self.base_url}{quote(path, safe='/?=&%')}"
+
+    def serve(self, path: str, data: bytes, **options: Any) -> str:
+        self.files[path] = Served(data, **options)
+        return self.url(path)
+
+    def requests_to(self, path: str) -> list[Recorded]:
+        return [r for r in self.requests if unquote(urlsplit(r.path).path) == path]
+
+    def hugging_face(
+        self,
+        repo_id: str,
+        filename: str,
+        data: bytes,
+        *,
+        revision: str = "main",
+        token: str | None = None,
+        cdn: FakeRemote | None = None,
+        **options: Any,
+    ) -> str:
+        """The file at its resolve URL, redirecting to a CDN path; returns the resolve URL."""
+        resolve = f"/hf/{repo_id}/resolve/{revision}/{filename}"
+        cdn_path = f"/cdn/{hashlib.sha256(data).hexdigest()}"
+        (cdn or self).serve(cdn_path, data, **options)
+        self.redirects[resolve] = (cdn or self).url(cdn_path)
+        if token:
+            self.tokens[resolve] = token
+        return self.url(resolve)
+
+    def civitai_version(
+        self,
+        version_id: int,
+        data: bytes,
+        *,
+        model_id: int = 1000,
+        file_name: str = "civitai_lora.safetensors",
+        sha256: str | None = None,
+        trained_words: tuple[str, ...] = ("mystyle", "in the style of a boat"),
+        model_type: str = "LORA",
+        base_model: str = "SD 1.5",
+        token: str | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """Model-version JSON (with the file's real sha256 unless told otherwise), the
+        download redirect and the stored file; returns the JSON."""
+        real = hashlib.sha256(data).hexdigest()
+        download = f"/civitai/api/download/models/{version_id}"
+        storage = f"/storage/{version_id}/{file_name}"
+        document = {
+            "id": version_id,
+            "modelId": model_id,
+            "name": f"v{version_id}",
+            "baseModel": base_model,
+            "trainedWords": list(trained_words),
+            "model": {"name": f"Model {model_id}", "type": model_type, "nsfw": False},
+            "files": [
+                {
+                    "id": version_id * 10,
+                    "name": file_name,
+                    "sizeKB": len(data) / 1024,
+                    "type": "Model",
+                    "primary": True,
+                    "metadata": {"format": "SafeTensor", "size": "pruned", "fp": "fp16"},
+                    "hashes": {
+                        "AutoV2": (sha256 or real)[:10].upper(),
+                        "SHA256": (sha256 or real).upper(),
+                        "CRC32": "0BADC0DE",
+                    },
+                    "downloadUrl": self.url(download),
+                }
+            ],
+        }
+        self.documents[f"/civitai/api/v1/model-versions/{version_id}"] = document
+        self.redirects[download] = self.url(storage)
+        if token:
+            self.tokens[download] = token
+        self.serve(storage, data, **options)
+        return document
+
+    def civitai_model(self, model_id: int, versions: list[dict[str, Any]]) -> None:
+        self.documents[f"/civitai/api/v1/models/{model_id}"] = {
+            "id": model_id,
+            "name": f"Model {model_id}",
+            "type": "LORA",
+            "modelVersions": versions,
+        }
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+    def do_GET(self) -> None:
+        remote = self.server.remote
+        remote.requests.append(Recorded("GET", self.path, dict(self.headers.items())))
+        path = unquote(urlsplit(self.path).path)
+        if path in remote.tokens and not self._authorized(remote.tokens[path]):
+            return
+        if path in remote.statuses:
+            self._small(remote.statuses[path], b'{"error": "as configured"}')
+        elif path in remote.redirects:
+            self.send_response(302)
+            self.send_header("Location", remote.redirects[path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif path in remote.documents:
+            self._small(200, json.dumps(remote.documents[path]).encode(), "application/json")
+        elif path in remote.files:
+            self._file(remote.files[path])
+        else:
+            self._small(404, b'{"error": "Entry not found"}')
+
+    def _authorized(self, token: str) -> bool:
+        given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        given = given or parse_qs(urlsplit(self.path).query).get("token", [""])[0]
+        if given == token:
+            return True
+        self._small(403 if given else 401, b'{"error": "Invalid credentials"}')
+        return False
+
+    def _small(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _file(self, served: Served) -> None:
+        data, start = served.data, 0
+        asked = self.headers.get("Range", "")
+        if served.ranges and asked.startswith("bytes=") and asked.endswith("-"):
+            start = int(asked[len("bytes=") : -1])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        if served.ranges:
+            self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Type", served.content_type)
+        if served.disposition:
+            self.send_header("Content-Disposition", served.disposition)
+        if served.content_length is True:
+            self.send_header("Content-Length", str(len(body)))
+        elif served.content_length is not False:
+            self.send_header("Content-Length", str(served.content_length))
+            body = body[: served.content_length]
+        if served.content_length is not True:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        cut = served.drop_after if start == 0 else None
+        if cut is not None:
+            served.drop_after = None  # once
+            body = body[:cut]
+        try:
+            for offset in range(0, len(body), served.chunk):
+                if served.delay and self.server.remote.stopping.wait(served.delay):
+                    break
+                self.wfile.write(body[offset : offset + served.chunk])
+                self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+            return
+        if cut is not None:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    remote: FakeRemote
+
+
+@contextmanager
+def running_remote() -> Iterator[FakeRemote]:
+    server = _Server(("127.0.0.1", 0), _Handler)
+    remote = FakeRemote()
+    server.remote = remote
+    remote.base_url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.daemon = True
+    thread.start()
+    try:
+        yield remote
+    finally:
+        remote.stopping.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def closed_port_url(path: str = "/file.safetensors") -> str:
+    """A loopback URL nothing listens on (connection refused)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}{path}"

@@ -1,0 +1,174 @@
+"""Downloads that fail: each ends ``failed`` with a detail a user understands, emits
+``lora_download_failed``, and leaves nothing behind (no file, no temporary file, no row)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from app.config import Settings
+from tests.app.features.loras.downloads.conftest import (
+    assert_nothing_kept,
+    download,
+    running_app,
+    start,
+    wait_for,
+)
+from tests.app.features.loras.downloads.fake_remote import FakeRemote, closed_port_url
+
+Events = list[tuple[str, dict[str, Any]]]
+
+
+@pytest.fixture
+def emitted(app: FastAPI, monkeypatch: pytest.MonkeyPatch) -> Events:
+    """Every event the app emits (no Socket.IO client needed)."""
+    received: Events = []
+    monkeypatch.setattr(
+        app.state.events, "emit", lambda name, payload: received.append((name, payload))
+    )
+    return received
+
+
+async def assert_failed(
+    client: httpx.AsyncClient, settings: Settings, body: dict[str, Any], *fragments: str
+) -> str:
+    info = await download(client, body)
+    assert info["state"] == "failed", info
+    detail: str = info["detail"]
+    for fragment in fragments:
+        assert fragment.lower() in detail.lower(), f"{fragment!r} not in {detail!r}"
+    assert info["lora"] is None
+    await assert_nothing_kept(client, settings)
+    return detail
+
+
+@pytest.mark.parametrize("declared", [False, True], ids=["no-content-length", "declared"])
+async def test_size_limit(
+    settings: Settings, remote: FakeRemote, lora_bytes: dict[str, bytes], declared: bool
+) -> None:
+    data = lora_bytes["kohya_unet"]
+    url = remote.serve("/big.safetensors", data, content_length=declared, chunk=4096)
+    small = settings.model_copy(update={"lora_max_file_size": len(data) - 1})
+    async with running_app(small) as (_, client):
+        detail = await assert_failed(
+            client, small, {"url": url}, "'big.safetensors'", "exceeds limit"
+        )
+    if declared:  # refused on the declared size: said at once
+        assert detail.startswith(f"File size ({len(data) / 1024 / 1024:.1f}MB)")
+
+
+async def test_content_length_lying_low(
+    client: httpx.AsyncClient, settings: Settings, remote: FakeRemote, lora_bytes: dict[str, bytes]
+) -> None:
+    data = lora_bytes["kohya_unet"]
+    url = remote.serve("/short.safetensors", data, content_length=len(data) // 2)
+    await assert_failed(client, settings, {"url": url}, "'short.safetensors'", "truncated")
+
+
+async def test_civitai_hash_mismatch(
+    client: httpx.AsyncClient,
+    settings: Settings,
+    remote: FakeRemote,
+    lora_bytes: dict[str, bytes],
+    emitted: Events,
+) -> None:
+    remote.civitai_version(9, lora_bytes["kohya_unet"], sha256="ab" * 32)
+    detail = await assert_failed(
+        client,
+        settings,
+        {"civitai": {"model_version_id": 9}},
+        "sha256",
+        "ab" * 32,
+        "nothing was kept",
+    )
+    names = [name for name, _ in emitted]
+    assert (names[0], names[-1]) == ("lora_download_started", "lora_download_failed")
+    assert set(names[1:-1]) == {"lora_download_progress"}  # throttled: one or more
+    assert emitted[-1][1] == {"download_id": emitted[0][1]["download_id"], "detail": detail}
+
+
+async def test_redirect_loop(
+    client: httpx.AsyncClient, settings: Settings, remote: FakeRemote
+) -> None:
+    remote.redirects["/loop/a"] = remote.url("/loop/b")
+    remote.redirects["/loop/b"] = remote.url("/loop/a")
+    await assert_failed(client, settings, {"url": remote.url("/loop/a")}, "too many redirects")
+    assert len(remote.requests) == 6  # the first request and five redirects
+
+
+async def test_redirect_to_another_scheme(
+    client: httpx.AsyncClient, settings: Settings, remote: FakeRemote
+) -> None:
+    remote.redirects["/away.safetensors"] = "file:///etc/passwd"
+    await assert_failed(client, settings, {"url": remote.url("/away.safetensors")}, "'file:'")
+
+
+@pytest.mark.parametrize(
+    ("case", "fragments"),
+    [
+        ("hf-404", ("not found on hugging face: someone/repo/missing.safetensors",)),
+        ("hf-401", ("needs an access token", "401")),
+        ("hf-403", ("refused access", "with this token", "403")),
+        ("civitai-404", ("not found on civitai: model version 404",)),
+        ("url-404", ("not found", "404")),
+        ("url-502", ("failed (http 502)", "try again later", "tried 3 times")),
+        ("checkpoint", ("is a checkpoint, not a lora",)),
+        ("pickle-file", ("'model.safetensors'", "not a safetensors file", "pickle")),
+        ("html-page", ("'page.safetensors'", "not a valid safetensors file")),
+    ],
+)
+async def test_readable_errors(
+    client: httpx.AsyncClient,
+    settings: Settings,
+    remote: FakeRemote,
+    lora_bytes: dict[str, bytes],
+    case: str,
+    fragments: tuple[str, ...],
+) -> None:
+    gated = "someone/gated"
+    remote.hugging_face(gated, "g.safetensors", lora_bytes["kohya_unet"], token="right")
+    remote.statuses["/broken.safetensors"] = 502
+    remote.civitai_version(5, lora_bytes["kohya_unet"], model_type="Checkpoint")
+    remote.serve("/model.safetensors", lora_bytes["pickle_renamed"])
+    remote.serve(
+        "/page.safetensors", b"<!doctype html><title>Log in</title>", content_type="text/html"
+    )
+    body: dict[str, Any] = {
+        "hf-404": {"huggingface": {"repo_id": "someone/repo", "filename": "missing.safetensors"}},
+        "hf-401": {"huggingface": {"repo_id": gated, "filename": "g.safetensors"}},
+        "hf-403": {"huggingface": {"repo_id": gated, "filename": "g.safetensors"}, "token": "x"},
+        "civitai-404": {"civitai": {"model_version_id": 404}},
+        "url-404": {"url": remote.url("/nothing.safetensors")},
+        "url-502": {"url": remote.url("/broken.safetensors")},
+        "checkpoint": {"civitai": {"model_version_id": 5}},
+        "pickle-file": {"url": remote.url("/model.safetensors")},
+        "html-page": {"url": remote.url("/page.safetensors")},
+    }[case]
+    await assert_failed(client, settings, body, *fragments)
+
+
+async def test_network_down_after_retries(
+    client: httpx.AsyncClient, settings: Settings, emitted: Events
+) -> None:
+    url = closed_port_url("/lora.safetensors")
+    detail = await assert_failed(
+        client, settings, {"url": url}, "could not connect to 127.0.0.1", "refused", "tried 3 times"
+    )
+    assert (
+        "lora_download_failed",
+        {"download_id": emitted[0][1]["download_id"], "detail": detail},
+    ) in emitted
+
+
+async def test_civitai_api_down_fails_the_download_not_the_request(
+    settings: Settings,
+) -> None:
+    down = settings.model_copy(update={"civitai_base_url": closed_port_url("")})
+    async with running_app(down) as (_, client):
+        started = await start(client, {"civitai": {"model_version_id": 3}})
+        assert started["state"] == "failed"
+        assert "could not connect" in started["detail"].lower()
+        assert (await wait_for(client, started["id"]))["state"] == "failed"
