@@ -90,6 +90,13 @@ class LoRAInfo(BaseModel):
         "64 KiB in all.",
     )
     metadata_truncated: bool = False
+    source_url: str | None = Field(
+        default=None, description="Where it was downloaded from (no token); null for uploads."
+    )
+    civitai: dict[str, Any] | None = Field(
+        default=None,
+        description="CivitAI's model-version data (ids, names, baseModel, trainedWords, hashes).",
+    )
     autov2: str = Field(description="First 10 hex digits of sha256 (CivitAI AutoV2).")
     tensor_sha256: str | None = Field(
         default=None, description="sha256 of the tensor data without the header."

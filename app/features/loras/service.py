@@ -84,6 +84,8 @@ def to_info(row: LoRA, loaded_family: ModelFamily | None) -> LoRAInfo:
         autov2=autov2(row.sha256),
         tensor_sha256=row.tensor_sha256,
         autov3=autov3(row.tensor_sha256),
+        source_url=row.source_url,
+        civitai=row.civitai,
     )
 
 

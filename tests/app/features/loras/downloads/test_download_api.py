@@ -130,6 +130,9 @@ async def test_civitai_version_keeps_its_data_and_trained_words(
     assert stored["model_id"] == 77
     assert stored["base_model"] == "SD 1.5"
     assert stored["trained_words"] == document["trainedWords"]
+    assert lora["source_url"] == source_url
+    assert lora["civitai"] == stored
+    assert (await client.get(f"/loras/{lora['id']}")).json()["civitai"] == stored
     assert stored["hashes"]["SHA256"] == hashlib.sha256(data).hexdigest().upper()
     assert "sekret-123" not in str(done)
     assert "token" not in source_url
