@@ -1,0 +1,89 @@
+"""Public types of the LoRA checks and the helpers their messages share.
+
+:class:`LoRAFormat`, :class:`LoRAInspection` and the two errors are re-exported by
+:mod:`app.features.loras.lora_inspector`, which is where the rest of the app imports them from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+__all__ = [
+    "IncompatibleLoRAError",
+    "InvalidLoRAError",
+    "LoRAFormat",
+    "LoRAInspection",
+    "examples",
+    "first_line",
+]
+
+_EXAMPLES = 3
+
+
+class LoRAFormat(StrEnum):
+    KOHYA = "kohya"
+    """A1111/Kohya names: ``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` /
+    ``.alpha``; ``lora_te_`` (``lora_te1_``/``lora_te2_`` for SDXL) for text encoders."""
+    PEFT = "peft"
+    """diffusers/PEFT names: ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` (optionally
+    ``.lora_B.bias``, ``.lora_magnitude_vector`` for DoRA), ``text_encoder.<module>...``."""
+    DIFFUSERS_LEGACY = "diffusers_legacy"
+    """Old diffusers attention-processor names, still converted by diffusers 0.42:
+    ``unet.<block>.attn1.processor.to_q_lora.down.weight``, ``unet.<module>.lora.down.weight``,
+    ``text_encoder.<block>.self_attn.to_q_lora.down.weight``,
+    ``text_encoder.<module>.lora_linear_layer.down.weight``."""
+
+
+class InvalidLoRAError(ValueError):
+    """The file is not a LoRA that diffusers can apply; the message says why, for an end user."""
+
+
+class IncompatibleLoRAError(InvalidLoRAError):
+    """A valid LoRA that does not fit the loaded model (other architecture or sizes)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        display_name: str,
+        total_layers: int,
+        missing_layers: tuple[str, ...] = (),
+        mismatched_layers: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.display_name = display_name
+        self.total_layers = total_layers
+        self.missing_layers = missing_layers
+        """``component: module`` names the loaded model does not have."""
+        self.mismatched_layers = mismatched_layers
+        """One description per layer whose sizes do not fit."""
+
+
+@dataclass(frozen=True)
+class LoRAInspection:
+    format: LoRAFormat
+    components: tuple[str, ...]
+    """Pipeline components the LoRA targets, e.g. ``("unet",)`` or ``("unet", "text_encoder")``."""
+    network_type: str
+    """``"lora"``, ``"locon"`` (also convolution layers beyond the 1x1 attention projections)
+    or ``"dora"`` (PEFT DoRA: ``lora_magnitude_vector``)."""
+    layer_count: int
+    ranks: tuple[int, ...]
+    """Distinct ranks, sorted."""
+    layer_ranks: tuple[int, ...] = field(default=(), compare=False)
+    """The rank of each layer, in file order (for the most common rank)."""
+
+
+def examples(names: Iterable[str]) -> str:
+    """The first few names, quoted, for a message."""
+    listed = list(names)
+    shown = ", ".join(f"'{name}'" for name in listed[:_EXAMPLES])
+    return shown + (", ..." if len(listed) > _EXAMPLES else "")
+
+
+def first_line(error: BaseException) -> str:
+    """A short one-line description of ``error`` for a message."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0].rstrip(":").strip()[:300]

@@ -1,0 +1,225 @@
+"""The benchmarked models and the LoRA set applied to them.
+
+Builds the SD 1.5-sized pipeline (Stable Diffusion 1.5's real UNet, text-encoder and VAE
+configs with seeded random weights; nothing is downloaded), prepares either model's folder,
+loads it into a ``PipelineManager`` and writes the five test LoRAs. Used by
+:mod:`benchmarks.lora_speed`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from app.config import Settings
+from app.cores.model_manager.embedded_model import (
+    EMBEDDED_MODEL_FOLDER,
+    _write_tokenizer,
+    build_embedded_model,
+)
+from app.cores.model_manager.lora_fusion import HarvestCache
+from app.cores.model_manager.pipeline_manager import AdapterSpec, PipelineManager
+from tests.factories.lora_files import LoRAFileFormat, write_lora
+
+LORA_COUNT = 5
+LORA_RANK = 32
+LORA_WEIGHT = 0.5
+
+SD15_FOLDER = "bench--sd15-shaped"
+# Bump when the architecture or seeds change, so that old folders are rebuilt.
+SD15_VERSION = "1"
+_SD15_VERSION_FILE = "bench_model_version.txt"
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def _sd15_pipeline(tokenizer_dir: Path) -> Any:
+    """SD 1.5's UNet, text encoder and VAE configs with seeded random weights (fp32)."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    torch.manual_seed(1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=512,
+    )
+    torch.manual_seed(2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+            # The byte-level tokenizer's ids (< 514) are valid for this vocabulary.
+            bos_token_id=512,
+            eos_token_id=513,
+            pad_token_id=513,
+        )
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(str(tokenizer_dir)),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_sd15_model(model_dir: Path) -> float | None:
+    """Build the SD 1.5-sized model into ``model_dir`` unless a current build is there.
+
+    Returns the seconds the build took, or None if the folder was reused. Saved in fp16 (about
+    2 GB); built in a scratch folder beside ``model_dir`` and renamed, so a crash leaves either
+    no folder or a complete one.
+    """
+    marker = model_dir / _SD15_VERSION_FILE
+    if marker.is_file() and marker.read_text().strip() == SD15_VERSION:
+        return None
+    started = time.perf_counter()
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=model_dir.parent, prefix=".build-") as scratch:
+        tokenizer_dir = Path(scratch) / "tokenizer-source"
+        _write_tokenizer(tokenizer_dir)
+        build_dir = Path(scratch) / "model"
+        pipeline = _sd15_pipeline(tokenizer_dir)
+        pipeline.to(torch.float16)
+        pipeline.save_pretrained(str(build_dir), safe_serialization=True)
+        del pipeline
+        (build_dir / _SD15_VERSION_FILE).write_text(SD15_VERSION + "\n")
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        build_dir.rename(model_dir)
+    return time.perf_counter() - started
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One benchmarked model: where it lives, how to build it, and per-device sizes."""
+
+    key: str
+    label: str
+    folder: str
+    default_repeats: int
+    step_px: dict[str, int]
+    """Image size of the timed UNet step, per device type."""
+
+
+MODELS: dict[str, ModelSpec] = {
+    "tiny": ModelSpec(
+        "tiny", "tiny (embedded)", EMBEDDED_MODEL_FOLDER, 20, {"cpu": 64, "cuda": 64}
+    ),
+    "sd15": ModelSpec("sd15", "SD1.5-sized", SD15_FOLDER, 5, {"cpu": 64, "cuda": 512}),
+}
+
+
+def prepare_model(spec: ModelSpec, cache_dir: Path) -> tuple[Path, float | None]:
+    """The model's folder, built if needed, and the build time (None if it was reused)."""
+    model_dir = cache_dir / "models" / spec.folder
+    if spec.key == "tiny":
+        started = time.perf_counter()
+        reused = (model_dir / "model_index.json").is_file()
+        build_embedded_model(model_dir)
+        return model_dir, None if reused else time.perf_counter() - started
+    return model_dir, build_sd15_model(model_dir)
+
+
+def new_lora_cache() -> HarvestCache:
+    """A HarvestCache with the app's default limits."""
+    fields = Settings.model_fields
+    return HarvestCache(
+        max_count=fields["lora_cache_max_count"].default,
+        max_bytes=fields["lora_cache_max_bytes"].default,
+    )
+
+
+def load_manager(spec: ModelSpec, model_dir: Path, device: torch.device) -> PipelineManager:
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    return PipelineManager.load(
+        spec.key,
+        str(model_dir),
+        device,
+        dtype,
+        progress=lambda _step, _phase, _message: None,
+        should_stop=lambda: False,
+        lora_cache=new_lora_cache(),
+    )
+
+
+def write_lora_set(pipeline: Any, folder: Path, model_key: str) -> list[AdapterSpec]:
+    """Five rank-32 LoRAs for the UNet and the text encoder: Kohya, PEFT, Kohya, PEFT, Kohya."""
+    specs = []
+    for index in range(1, LORA_COUNT + 1):
+        fmt: LoRAFileFormat = "kohya" if index % 2 else "peft"
+        path = write_lora(
+            folder / f"bench_{index}_{fmt}.safetensors",
+            pipeline,
+            fmt=fmt,
+            components=("unet", "text_encoder"),
+            rank=LORA_RANK,
+            seed=index,
+        )
+        specs.append(
+            AdapterSpec(
+                adapter_name=f"bench_{index}",
+                display_name=path.name,
+                path=str(path),
+                weight=LORA_WEIGHT,
+                cache_key=f"{model_key}:{index}",
+            )
+        )
+    return specs
+
+
+def weight_bytes(pipeline: Any) -> int:
+    """Bytes of the parameters and buffers of the UNet, text encoder and VAE."""
+    total = 0
+    for name in ("unet", "text_encoder", "vae"):
+        module: torch.nn.Module = getattr(pipeline, name)
+        for tensor in [*module.parameters(), *module.buffers()]:
+            total += tensor.numel() * tensor.element_size()
+    return total

@@ -1,0 +1,325 @@
+"""The measured rows: apply/remove, per-step cost and memory over many cycles.
+
+Each ``bench_*`` function runs its variants interleaved round by round (round 0 is a warm-up)
+and records its rows in the model's :class:`~benchmarks.measure.Bench`; what each row means is
+described in :mod:`benchmarks.lora_speed`.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from diffusers import EulerDiscreteScheduler
+
+from app.cores.model_manager.lora_fusion import HarvestedLoRA, lora_components
+from app.cores.model_manager.pipeline_manager import (
+    AdapterSpec,
+    DiffusionParams,
+    PipelineManager,
+)
+from benchmarks.measure import Bench, MiB, progress, rss_bytes, trimmed_rss_bytes
+from benchmarks.models import new_lora_cache, weight_bytes
+
+CYCLE_PX = 64
+MIN_CYCLES = 10
+
+
+def bench_apply_remove(bench: Bench) -> None:
+    """Naive, cold, warm, switch and floor rows, interleaved round by round.
+
+    The machine is shared and its load drifts: measuring every variant in each round keeps
+    the comparison fair. Round 0 is a warm-up and is not recorded.
+    """
+    manager, adapters, clock = bench.manager, bench.adapters, bench.clock
+    sets = [adapters[0:3], adapters[2:5]]
+    samples: dict[str, list[float]] = {}
+    floor: Callable[[], None] | None = None
+    for round_index in range(bench.repeats + 1):
+        measured: dict[str, float] = {}
+        gc.collect()
+        measured["naive_apply"] = clock.ms(lambda: manager.load_loras(adapters))
+        measured["naive_remove"] = clock.ms(manager.unload_loras)
+        manager.lora_cache = new_lora_cache()
+        gc.collect()
+        measured["cold_enter"], measured["cold_exit"] = clock.enter_exit_ms(
+            manager.loras_applied(adapters)
+        )
+        gc.collect()
+        measured["warm_enter"], measured["warm_exit"] = clock.enter_exit_ms(
+            manager.loras_applied(adapters)
+        )
+        for index, chosen in enumerate(sets):
+            gc.collect()
+            entered, exited = clock.enter_exit_ms(manager.loras_applied(chosen))
+            measured[f"switch_{index}"] = entered + exited
+        if floor is None:
+            floor = floor_pass(bench)
+        measured["floor"] = clock.ms(floor)
+        if round_index > 0:
+            for key, value in measured.items():
+                samples.setdefault(key, []).append(value)
+    report_apply_remove(bench, samples)
+
+
+def _sum(*series: list[float]) -> list[float]:
+    return [sum(values) for values in zip(*series, strict=True)]
+
+
+def report_apply_remove(bench: Bench, samples: dict[str, list[float]]) -> None:
+    median = statistics.median
+    bench.timing(
+        "naive_apply",
+        "naive: apply 5 (load_lora_weights x5 + set_adapters)",
+        samples["naive_apply"],
+    )
+    bench.timing("naive_remove", "naive: remove (unload_lora_weights)", samples["naive_remove"])
+    bench.timing(
+        "naive",
+        "naive: apply + remove (baseline)",
+        _sum(samples["naive_apply"], samples["naive_remove"]),
+    )
+    bench.timing(
+        "cold",
+        "ours: cold, first use of the set (harvest 5 + fuse + restore)",
+        _sum(samples["cold_enter"], samples["cold_exit"]),
+        f"enter {median(samples['cold_enter']):.1f} / exit {median(samples['cold_exit']):.1f} ms",
+    )
+    bench.timing(
+        "warm",
+        "ours: warm, set seen before (fuse 5 + restore)",
+        _sum(samples["warm_enter"], samples["warm_exit"]),
+        f"enter (fuse) {median(samples['warm_enter']):.1f} / exit (restore) "
+        f"{median(samples['warm_exit']):.1f} ms",
+    )
+    bench.timing(
+        "switch",
+        "ours: switch {1,2,3} <-> {3,4,5} (harvested)",
+        samples["switch_0"] + samples["switch_1"],
+        f"one sample = one set's enter + exit; {{1,2,3}} {median(samples['switch_0']):.1f} / "
+        f"{{3,4,5}} {median(samples['switch_1']):.1f} ms",
+    )
+    bench.timing(
+        "floor",
+        "floor: read the set's LoRA bytes once + one pass over touched weights",
+        samples["floor"],
+        bench.floor_notes,
+    )
+
+
+def harvested_set(bench: Bench) -> list[HarvestedLoRA]:
+    entries = [bench.manager.lora_cache.get(a.cache_key) for a in bench.adapters]
+    found = [entry for entry in entries if entry is not None]
+    assert len(found) == len(entries), "run cold first"
+    return found
+
+
+def touched_weights(
+    pipeline: Any, entries: Sequence[HarvestedLoRA]
+) -> dict[tuple[str, str], torch.Tensor]:
+    """The weight tensors the LoRAs change, each once, by (component, module name)."""
+    components = lora_components(pipeline)
+    weights = {}
+    for component, module_name in sorted({key for entry in entries for key in entry.layers}):
+        weight = components[component].get_submodule(module_name).weight
+        assert isinstance(weight, torch.Tensor)
+        weights[(component, module_name)] = weight.detach()
+    return weights
+
+
+def delta_gflop(
+    entries: Sequence[HarvestedLoRA], weights: dict[tuple[str, str], torch.Tensor]
+) -> float:
+    """Multiply-adds of the fused deltas (out x sum of ranks x in per layer), in GFLOP."""
+    total = 0
+    for key, weight in weights.items():
+        ranks = sum(entry.layers[key].down.shape[0] for entry in entries if key in entry.layers)
+        total += 2 * weight.numel() * ranks
+    return total / 1e9
+
+
+def floor_pass(bench: Bench) -> Callable[[], None]:
+    """clone of the set's LoRA bytes + copy_ over tensors shaped like the touched weights."""
+    entries = harvested_set(bench)
+    touched = touched_weights(bench.manager.pipeline, entries)
+    weights = list(touched.values())
+    lora_bytes = sum(entry.nbytes for entry in entries)
+    dtype = weights[0].dtype
+    element = torch.empty((), dtype=dtype).element_size()
+    flat = torch.randn(lora_bytes // element, device=bench.device).to(dtype)
+    copies = [torch.empty_like(weight) for weight in weights]
+    touched_bytes = sum(weight.numel() * weight.element_size() for weight in weights)
+    bench.floor_notes = (
+        f"LoRA factors {lora_bytes / MiB:.1f} MiB; {len(weights)} touched tensors "
+        f"{touched_bytes / MiB:.1f} MiB; fusing also needs {delta_gflop(entries, touched):.3g} "
+        "GFLOP of matmuls, not in the floor"
+    )
+
+    def one_pass() -> None:
+        flat.clone()
+        with torch.no_grad():
+            for target, weight in zip(copies, weights, strict=True):
+                target.copy_(weight)
+
+    return one_pass
+
+
+def make_unet_step(bench: Bench, px: int) -> Callable[[], torch.Tensor]:
+    """One UNet forward on a CFG batch of 2 at ``px`` x ``px`` pixels, fixed inputs."""
+    pipeline = bench.manager.pipeline
+    unet = pipeline.unet
+    side = px // pipeline.vae_scale_factor
+    generator = torch.Generator("cpu").manual_seed(0)
+    latents = torch.randn(2, unet.config.in_channels, side, side, generator=generator)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+    latents = latents.to(bench.device, unet.dtype)
+    context = context.to(bench.device, unet.dtype)
+    timestep = torch.tensor(500, device=bench.device)
+
+    def step() -> torch.Tensor:
+        with torch.no_grad():
+            output: torch.Tensor = unet(latents, timestep, encoder_hidden_states=context)[0]
+        return output
+
+    return step
+
+
+def bench_steps(bench: Bench) -> None:
+    """Per-step cost: base, five LoRAs fused (ours), five unfused PEFT adapters (naive).
+
+    Interleaved round by round like the apply rows; round 0 is a warm-up. Each variant runs
+    two steps in a row: the second is the row (the steady cost of a step in the denoising
+    loop); the first, right after the weights or modules changed, is in the notes.
+    """
+    manager = bench.manager
+    px = bench.spec.step_px[bench.device.type]
+    step = make_unet_step(bench, px)
+    samples: dict[str, list[float]] = {}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def two_steps(key: str, round_index: int) -> None:
+        for position in ("first", "steady"):
+            start = bench.clock.now()
+            outputs[key] = step()
+            elapsed = bench.clock.now() - start
+            if round_index > 0:
+                samples.setdefault(f"{key}_{position}", []).append(elapsed)
+
+    # No gc.collect() here: the step right after one is measurably slower on the tiny model.
+    for round_index in range(bench.repeats + 1):
+        two_steps("base", round_index)
+        with manager.loras_applied(bench.adapters):
+            two_steps("fused", round_index)
+        manager.load_loras(bench.adapters)
+        try:
+            two_steps("unfused", round_index)
+        finally:
+            manager.unload_loras()
+    base_before = outputs["base"]
+    base_after = step()
+    fused_out, unfused_out = outputs["fused"].float(), outputs["unfused"].float()
+    difference = (fused_out - unfused_out).abs().max().item()
+    lora_effect = (unfused_out - base_before.float()).abs().max().item()
+
+    def first(key: str) -> str:
+        return f"first step after the change {statistics.median(samples[f'{key}_first']):.1f} ms"
+
+    bench.timing(
+        "step_base",
+        "step: base UNet",
+        samples["base_steady"],
+        f"{px}x{px} px, batch 2 (CFG); {first('base')}",
+    )
+    bench.timing(
+        "step_fused",
+        "step: 5 LoRAs fused (ours)",
+        samples["fused_steady"],
+        f"{first('fused')}; max |fused − unfused| {difference:.2g} "
+        f"(max LoRA effect {lora_effect:.3g})",
+    )
+    bench.timing(
+        "step_unfused",
+        "step: 5 unfused PEFT adapters (naive)",
+        samples["unfused_steady"],
+        first("unfused"),
+    )
+    restored = torch.equal(base_after, base_before)
+    bench.note(
+        "check: base output after all rows",
+        "identical" if restored else "DIFFERS",
+        "bit-identical to before" if restored else "base weights not restored exactly",
+    )
+
+
+def _generate_cycle(manager: PipelineManager, adapters: list[AdapterSpec]) -> None:
+    """Apply, generate one 1-step 64x64 image with CFG, remove."""
+    params = DiffusionParams(
+        prompt="a lighthouse on a cliff at sunset",
+        negative_prompt="blurry",
+        steps=1,
+        cfg_scale=7.0,
+        clip_skip=1,
+        seeds=[0],
+        scheduler=EulerDiscreteScheduler.from_config(manager.scheduler_config),
+    )
+    with manager.loras_applied(adapters):
+        manager.text_to_image(params, CYCLE_PX, CYCLE_PX, None)
+
+
+def bench_memory(bench: Bench, max_cycles: int, budget_s: float) -> None:
+    """RSS (and CUDA peak) growth between the first and the last of N cycles.
+
+    N is ``max_cycles`` unless the cycles after the first take longer than ``budget_s``
+    together; then as many as fit (at least ``MIN_CYCLES``).
+    """
+    manager, clock = bench.manager, bench.clock
+    cuda = bench.device.type == "cuda"
+    times = [clock.ms(lambda: _generate_cycle(manager, bench.adapters))]
+    gc.collect()
+    rss_first = rss_bytes()
+    trimmed_first = trimmed_rss_bytes()
+    peak_first = torch.cuda.max_memory_allocated(bench.device) if cuda else 0
+    deadline = time.perf_counter() + budget_s
+    while len(times) < max_cycles and (len(times) < MIN_CYCLES or time.perf_counter() < deadline):
+        times.append(clock.ms(lambda: _generate_cycle(manager, bench.adapters)))
+    cycles = len(times)
+    progress(f"  {cycles} cycles, median {statistics.median(times):.0f} ms")
+    gc.collect()
+    rss_last = rss_bytes()
+    trimmed_last = trimmed_rss_bytes()
+    model_bytes = weight_bytes(manager.pipeline)
+    fewer = (
+        f" (fewer than {max_cycles}: time budget {budget_s:.0f} s)" if cycles < max_cycles else ""
+    )
+    bench.timing(
+        "cycle",
+        f"cycle: apply 5 + generate (1 step, {CYCLE_PX} px, CFG) + remove",
+        times[1:],
+        f"{cycles} cycles{fewer}",
+    )
+    growth = rss_last - rss_first
+    bench.note(
+        f"memory: RSS growth after {cycles} cycles vs after the 1st",
+        f"{growth / MiB:+.1f} MiB",
+        f"{100 * growth / model_bytes:+.2f} % of the {model_bytes / MiB:.0f} MiB of weights; "
+        f"RSS {rss_first / MiB:.0f} → {rss_last / MiB:.0f} MiB{fewer}",
+    )
+    if trimmed_first is not None and trimmed_last is not None:
+        trimmed = trimmed_last - trimmed_first
+        bench.note(
+            f"memory: RSS growth after malloc_trim, {cycles} cycles vs the 1st",
+            f"{trimmed / MiB:+.1f} MiB",
+            f"{100 * trimmed / model_bytes:+.2f} % of the weights; "
+            f"RSS {trimmed_first / MiB:.0f} → {trimmed_last / MiB:.0f} MiB",
+        )
+    if cuda:
+        peak_last = torch.cuda.max_memory_allocated(bench.device)
+        bench.note(
+            f"memory: CUDA max_memory_allocated growth after {cycles} cycles",
+            f"{(peak_last - peak_first) / MiB:+.1f} MiB",
+            f"peak {peak_first / MiB:.0f} → {peak_last / MiB:.0f} MiB",
+        )
