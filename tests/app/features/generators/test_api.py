@@ -20,28 +20,9 @@ from PIL import Image
 
 from app.config import EMBEDDED_MODEL_ID, Settings
 from app.cores.model_manager.model_manager import ModelManager
+from tests.contract import SAMPLER_VALUES
 
 FAST: dict[str, Any] = {"prompt": "a red fox", "width": 64, "height": 64, "steps": 2}
-SAMPLER_VALUES = [
-    "EULER_A",
-    "KDPM2_A",
-    "EULER",
-    "DDIM",
-    "LMS",
-    "PNDM",
-    "DPM_SOLVER_MULTISTEP",
-    "DPM_SOLVER_MULTISTEP_KARRAS",
-    "DPM_SOLVER_SINGLESTEP",
-    "DPM_SOLVER_SDE",
-    "DPM_SOLVER_SDE_KARRAS",
-    "DDPMS",
-    "UniPC",
-    "DEIS",
-    "KDPM2",
-    "HEUN",
-    "LCM",
-    "TCD",
-]
 
 
 async def _history(client: httpx.AsyncClient, config: dict[str, Any]) -> int:

@@ -16,29 +16,10 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from app.features.generators.samplers import Sampler, list_samplers, make_scheduler
+from tests.contract import SAMPLER_VALUES
 
 _Decorated = TypeVar("_Decorated", bound=Callable[..., None])
 
-EXPECTED_VALUES = [
-    "EULER_A",
-    "KDPM2_A",
-    "EULER",
-    "DDIM",
-    "LMS",
-    "PNDM",
-    "DPM_SOLVER_MULTISTEP",
-    "DPM_SOLVER_MULTISTEP_KARRAS",
-    "DPM_SOLVER_SINGLESTEP",
-    "DPM_SOLVER_SDE",
-    "DPM_SOLVER_SDE_KARRAS",
-    "DDPMS",
-    "UniPC",
-    "DEIS",
-    "KDPM2",
-    "HEUN",
-    "LCM",
-    "TCD",
-]
 EXPECTED_NAMES = [
     "Euler A",
     "KDPM2 A",
@@ -127,7 +108,7 @@ def diffusers_warnings(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogC
 
 
 def test_enum_values_in_order() -> None:
-    assert [sampler.value for sampler in Sampler] == EXPECTED_VALUES
+    assert [sampler.value for sampler in Sampler] == SAMPLER_VALUES
     assert Sampler.UniPC == "UniPC"
 
 
