@@ -200,6 +200,11 @@ class HarvestCache:
                 self._entries.move_to_end(key)
             return entry
 
+    def contains(self, key: str) -> bool:
+        """Membership without touching the recency order."""
+        with self._guard:
+            return key in self._entries
+
     def put(self, entry: HarvestedLoRA, keep: set[str]) -> None:
         """Add ``entry``; evict least recently used entries not in ``keep`` to fit."""
         with self._guard:

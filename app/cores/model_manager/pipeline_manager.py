@@ -254,6 +254,10 @@ class PipelineManager:
             yield
         logger.info("Restored the base weights")
 
+    def is_prepared(self, cache_key: str) -> bool:
+        """Whether this LoRA's factors are cached for this model (so it fits the model)."""
+        return self.lora_cache.contains(cache_key)
+
     def _prepared(self, adapters: list[AdapterSpec]) -> list[HarvestedLoRA] | None:
         """The harvested form of every adapter, or None if one cannot be fused."""
         cached: dict[str, HarvestedLoRA | None] = {

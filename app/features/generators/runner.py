@@ -136,8 +136,11 @@ def run_generation(
     """Generate with the plan's LoRAs loaded; they are unloaded whatever happens."""
     check_families(pipeline, plan.loras)
     # The family check misses what detection could not classify; every LoRA's layers are
-    # also checked against the model before the pipeline is touched.
+    # also checked against the model before the pipeline is touched. A LoRA already prepared
+    # for this model passed that check when it was prepared: its file is not read again.
     for lora in plan.loras:
+        if pipeline.is_prepared(lora.sha256):
+            continue
         try:
             check_lora_fits_pipeline(lora.file_path, pipeline.pipeline, lora.name)
         except InvalidLoRAError as error:

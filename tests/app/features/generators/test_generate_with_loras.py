@@ -324,3 +324,13 @@ async def test_a_cancelled_generation_still_restores_the_base_model(
     assert await pipeline_state(app) == before
     assert [p.name for p in settings.loras_dir.iterdir() if p.name.startswith(".")] == []
     assert list(settings.generated_images_dir.iterdir()) == []
+
+
+async def test_a_prepared_lora_is_not_read_from_disk_again(
+    loaded_client: httpx.AsyncClient, lora_ids: list[int]
+) -> None:
+    loras = [{"lora_id": lora_ids[0], "weight": 1.0}]
+    first = await image(loaded_client, loras)
+    stored = Path((await loaded_client.get(f"/loras/{lora_ids[0]}")).json()["file_path"])
+    stored.write_bytes(b"")  # any read of the file would now fail the request
+    assert np.array_equal(await image(loaded_client, loras), first)
