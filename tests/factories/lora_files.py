@@ -23,7 +23,8 @@ Formats:
   ``text_encoder.text_model.<block>.self_attn.to_q_lora.down.weight`` and
   ``...mlp.fc1.lora_linear_layer.down.weight``. Alpha is always the rank.
 
-The bad-file writers at the end produce what users really upload by mistake.
+The bad-file writers (what users really upload by mistake) are in ``bad_lora_files`` and
+re-exported here.
 
 LoRAs shaped for real model families (SD 1.x/2.x, SDXL, SD3, FLUX.1; realistic key names and
 widths, rank 1, a few layers) for base-model detection are in ``family_loras``:
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +43,49 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import save_file
 
+from tests.factories.bad_lora_files import (
+    UNKNOWN_MODULES,
+    write_down_without_up,
+    write_empty,
+    write_full_checkpoint_like,
+    write_header_bomb,
+    write_loha,
+    write_lokr,
+    write_pickle_renamed,
+    write_raw_header,
+    write_truncated,
+    write_truncated_header,
+    write_unknown_modules,
+    write_unrelated_tensors,
+    write_wrong_shapes,
+)
 from tests.factories.family_loras import write_family_lora as write_family_lora
+
+__all__ = [
+    "TEXT_ENCODER_ATTENTION_TARGETS",
+    "UNET_ATTENTION_TARGETS",
+    "UNET_CONV_TARGETS",
+    "UNKNOWN_MODULES",
+    "LoRAFileFormat",
+    "LoRATarget",
+    "lora_targets",
+    "random_lora_weights",
+    "write_down_without_up",
+    "write_empty",
+    "write_family_lora",
+    "write_full_checkpoint_like",
+    "write_header_bomb",
+    "write_loha",
+    "write_lokr",
+    "write_lora",
+    "write_pickle_renamed",
+    "write_raw_header",
+    "write_truncated",
+    "write_truncated_header",
+    "write_unknown_modules",
+    "write_unrelated_tensors",
+    "write_wrong_shapes",
+]
 
 LoRAFileFormat = Literal["kohya", "peft", "diffusers_legacy"]
 
@@ -273,206 +315,3 @@ def _magnitude(
     delta = (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)) * scaling
     magnitude: torch.Tensor = (weight + delta).norm(dim=1) * 1.1
     return magnitude
-
-
-# ---------------------------------------------------------------------------------------------
-# Bad files
-
-
-def write_truncated(path: Path, source: Path, *, keep_fraction: float = 0.5) -> Path:
-    """``source`` cut inside its data section (the header stays complete)."""
-    data = source.read_bytes()
-    header_end = 8 + struct.unpack("<Q", data[:8])[0]
-    cut = header_end + int((len(data) - header_end) * keep_fraction)
-    cut = min(max(cut, header_end + 1), len(data) - 1)
-    path.write_bytes(data[:cut])
-    return path
-
-
-def write_truncated_header(path: Path, source: Path) -> Path:
-    """``source`` cut inside its JSON header."""
-    data = source.read_bytes()
-    header_end = 8 + struct.unpack("<Q", data[:8])[0]
-    path.write_bytes(data[: header_end // 2])
-    return path
-
-
-def write_empty(path: Path) -> Path:
-    path.write_bytes(b"")
-    return path
-
-
-def write_header_bomb(path: Path, *, declared_length: int = 1 << 62) -> Path:
-    """A tiny file whose first 8 bytes declare a header of ``declared_length`` bytes."""
-    path.write_bytes(struct.pack("<Q", declared_length) + b'{"a": 1}')
-    return path
-
-
-def write_raw_header(path: Path, header: bytes | str | object, data: bytes = b"") -> Path:
-    """A file with exactly this header (bytes, text, or an object dumped as JSON) and data."""
-    if isinstance(header, bytes):
-        raw = header
-    elif isinstance(header, str):
-        raw = header.encode()
-    else:
-        raw = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
-    return path
-
-
-def write_pickle_renamed(path: Path, *, zip_format: bool = True) -> Path:
-    """A real ``torch.save`` checkpoint (pickle) named like a safetensors file."""
-    state = {"lora_unet_x.lora_down.weight": torch.zeros(4, 8)}
-    torch.save(state, str(path), _use_new_zipfile_serialization=zip_format)
-    return path
-
-
-def write_unrelated_tensors(path: Path) -> Path:
-    save_file({"foo.weight": torch.zeros(3, 3), "bar": torch.ones(5)}, str(path))
-    return path
-
-
-def write_full_checkpoint_like(path: Path) -> Path:
-    """A few keys of an original-layout SD checkpoint (tiny tensors)."""
-    tensors = {
-        "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3),
-        "model.diffusion_model.input_blocks.0.0.bias": torch.zeros(8),
-        "model.diffusion_model.out.2.weight": torch.zeros(4, 8, 3, 3),
-        "first_stage_model.encoder.conv_in.weight": torch.zeros(8, 3, 3, 3),
-        "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.ones(8),
-    }
-    save_file(tensors, str(path))
-    return path
-
-
-def write_wrong_shapes(
-    path: Path,
-    pipeline: Any,
-    *,
-    kind: Literal["cross_attention", "width"] = "cross_attention",
-    fmt: LoRAFileFormat = "kohya",
-    rank: int = 4,
-    cross_attention_dim: int = 768,
-) -> Path:
-    """A valid LoRA for modules ``pipeline.unet`` has, with sizes of another model.
-
-    ``"cross_attention"``: every attention projection fits except ``attn2.to_k``/``attn2.to_v``,
-    whose A is ``(rank, cross_attention_dim)`` as in a 768-wide (SD 1.x) model.
-    ``"width"``: the self-attention ``attn1.to_q`` layers are 320 wide (SD 1.x's first block).
-    """
-    chosen = lora_targets(pipeline, ("unet",))
-    weights = random_lora_weights(chosen, rank=rank, seed=0, scale=1.0)
-    generator = torch.Generator().manual_seed(1)
-    tensors: dict[str, torch.Tensor] = {}
-    for target, (down, up) in zip(chosen, weights, strict=True):
-        if kind == "cross_attention" and target.name.endswith(("attn2.to_k", "attn2.to_v")):
-            down = torch.randn(rank, cross_attention_dim, generator=generator) * 0.03
-        elif kind == "width" and target.name.endswith("attn1.to_q"):
-            down = torch.randn(rank, 320, generator=generator) * 0.05
-            up = torch.randn(320, rank, generator=generator) * 0.5
-        if fmt == "kohya":
-            stem = _kohya_name(target)
-            tensors[f"{stem}.lora_down.weight"] = down
-            tensors[f"{stem}.lora_up.weight"] = up
-            tensors[f"{stem}.alpha"] = torch.tensor(float(rank))
-        else:
-            tensors[f"unet.{target.name}.lora_A.weight"] = down
-            tensors[f"unet.{target.name}.lora_B.weight"] = up
-    save_file(tensors, str(path))
-    return path
-
-
-UNKNOWN_MODULES: tuple[str, ...] = (
-    "down_blocks.3.attentions.0.transformer_blocks.0.attn1.to_q",
-    "down_blocks.3.attentions.0.transformer_blocks.0.attn1.to_k",
-)
-"""Modules a bigger UNet has and the tiny one does not (it has two down blocks)."""
-
-
-def write_unknown_modules(
-    path: Path,
-    pipeline: Any,
-    *,
-    fmt: LoRAFileFormat = "kohya",
-    with_valid_layers: bool = True,
-    rank: int = 4,
-) -> Path:
-    """A LoRA whose layers include :data:`UNKNOWN_MODULES` (plus, by default, valid layers for
-    every UNet attention projection: diffusers would then apply it partially)."""
-    tensors: dict[str, torch.Tensor] = {}
-    if with_valid_layers:
-        chosen = lora_targets(pipeline, ("unet",))
-        for target, (down, up) in zip(
-            chosen, random_lora_weights(chosen, rank=rank, seed=0, scale=1.0), strict=True
-        ):
-            _put(tensors, fmt, target.name, down, up, rank)
-    generator = torch.Generator().manual_seed(2)
-    for name in UNKNOWN_MODULES:
-        down = torch.randn(rank, 32, generator=generator) * 0.1
-        up = torch.randn(32, rank, generator=generator) * 0.1
-        _put(tensors, fmt, name, down, up, rank)
-    save_file(tensors, str(path))
-    return path
-
-
-def _put(
-    tensors: dict[str, torch.Tensor],
-    fmt: LoRAFileFormat,
-    unet_module: str,
-    down: torch.Tensor,
-    up: torch.Tensor,
-    rank: int,
-) -> None:
-    if fmt == "kohya":
-        stem = "lora_unet_" + unet_module.replace(".", "_")
-        tensors[f"{stem}.lora_down.weight"] = down
-        tensors[f"{stem}.lora_up.weight"] = up
-        tensors[f"{stem}.alpha"] = torch.tensor(float(rank))
-    else:
-        tensors[f"unet.{unet_module}.lora_A.weight"] = down
-        tensors[f"unet.{unet_module}.lora_B.weight"] = up
-
-
-_KOHYA_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
-
-
-def write_loha(path: Path, *, rank: int = 4, width: int = 32) -> Path:
-    """A LyCORIS LoHa layer (Hadamard product of two low-rank pairs), Kohya names."""
-    tensors = {
-        f"{_KOHYA_Q}.hada_w1_a": torch.zeros(width, rank),
-        f"{_KOHYA_Q}.hada_w1_b": torch.zeros(rank, width),
-        f"{_KOHYA_Q}.hada_w2_a": torch.zeros(width, rank),
-        f"{_KOHYA_Q}.hada_w2_b": torch.zeros(rank, width),
-        f"{_KOHYA_Q}.alpha": torch.tensor(float(rank)),
-    }
-    save_file(tensors, str(path))
-    return path
-
-
-def write_lokr(path: Path, *, fmt: Literal["kohya", "peft"] = "kohya") -> Path:
-    """A LyCORIS LoKr layer (Kronecker product factors)."""
-    if fmt == "kohya":
-        stem = _KOHYA_Q
-    else:
-        stem = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
-    tensors = {f"{stem}.lokr_w1": torch.zeros(4, 4), f"{stem}.lokr_w2": torch.zeros(8, 8)}
-    if fmt == "kohya":
-        tensors[f"{stem}.alpha"] = torch.tensor(4.0)
-    save_file(tensors, str(path))
-    return path
-
-
-def write_down_without_up(path: Path, pipeline: Any, *, fmt: LoRAFileFormat = "kohya") -> Path:
-    """A real LoRA for ``pipeline`` whose first layer lost its up/B weight."""
-    write_lora(path, pipeline, fmt=fmt)
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    up_key = next(
-        key
-        for key in sorted(tensors)
-        if key.endswith((".lora_up.weight", ".lora_B.weight", ".up.weight"))
-    )
-    del tensors[up_key]
-    save_file(tensors, str(path))
-    return path

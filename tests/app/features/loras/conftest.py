@@ -4,7 +4,7 @@ the factory for the tiny embedded pipeline."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,3 +88,10 @@ def user_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "user"
     folder.mkdir(exist_ok=True)
     return folder
+
+
+@pytest.fixture
+def pipeline(tiny_pipeline: StableDiffusionPipeline) -> Iterator[StableDiffusionPipeline]:
+    """The shared tiny pipeline, with every LoRA unloaded after the test."""
+    yield tiny_pipeline
+    tiny_pipeline.unload_lora_weights()

@@ -1,0 +1,116 @@
+"""Helpers for the LoRA endpoint tests: a running app, uploads, refusals, stored files."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import socketio
+from fastapi import FastAPI
+
+from app.config import Settings
+from app.main import create_app
+
+UserFiles = Callable[..., Path]
+
+
+@asynccontextmanager
+async def running_app(
+    settings: Settings, *, raise_app_exceptions: bool = True
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """A fresh app on ``settings`` (lifespan run, start-up repair included) and a client.
+
+    ``raise_app_exceptions=False`` lets an unhandled server error arrive as the 500 response a
+    real client gets, instead of being raised into the test.
+    """
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(
+            app=socketio.ASGIApp(app.state.sio, other_asgi_app=app),
+            raise_app_exceptions=raise_app_exceptions,
+        )
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
+            yield app, http
+
+
+def stored_entries(settings: Settings) -> set[str]:
+    """Everything in ``<cache>/loras``, hidden temporary files and folders included."""
+    folder = settings.loras_dir
+    return {entry.name for entry in folder.iterdir()} if folder.is_dir() else set()
+
+
+async def list_loras(client: httpx.AsyncClient) -> list[dict[str, Any]]:
+    response = await client.get("/loras")
+    assert response.status_code == 200, response.text
+    loras: list[dict[str, Any]] = response.json()["loras"]
+    return loras
+
+
+async def upload(client: httpx.AsyncClient, path: Path | str) -> httpx.Response:
+    return await client.post("/loras/upload", json={"file_path": str(path)})
+
+
+async def upload_ok(client: httpx.AsyncClient, path: Path) -> dict[str, Any]:
+    response = await upload(client, path)
+    assert response.status_code == 201, response.text
+    info: dict[str, Any] = response.json()
+    return info
+
+
+async def assert_refused(
+    client: httpx.AsyncClient,
+    settings: Settings,
+    path: Path | str,
+    *problem: str,
+    status: int = 400,
+    names: str | None = None,
+) -> str:
+    """Upload ``path``; expect ``status``, a detail naming the file and each ``problem``
+    fragment (case-insensitive), and no new file in ``<cache>/loras`` nor new row."""
+    entries_before = stored_entries(settings)
+    loras_before = await list_loras(client)
+    response = await upload(client, path)
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    assert isinstance(detail, str)
+    named = names if names is not None else Path(path).name
+    assert named in detail, f"{named!r} not named in {detail!r}"
+    for fragment in problem:
+        assert fragment.lower() in detail.lower(), f"{fragment!r} not in {detail!r}"
+    assert stored_entries(settings) == entries_before
+    assert not any(name.startswith(".tmp-") for name in stored_entries(settings))
+    assert await list_loras(client) == loras_before
+    return detail
+
+
+def snapshot(path: Path) -> tuple[bytes, int, int]:
+    info = path.stat()
+    return path.read_bytes(), info.st_mtime_ns, info.st_ino
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@contextmanager
+def captured_warnings(logger_name: str) -> Iterator[list[logging.LogRecord]]:
+    """Records of ``logger_name`` at WARNING and above (``create_app`` resets the root
+    logger's handlers, so pytest's ``caplog`` does not see what the app logs)."""
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Collect(level=logging.WARNING)
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)

@@ -1,0 +1,72 @@
+"""Helpers for the LoRA inspection and fit tests: generate, checksum and refuse on a pipeline."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from app.features.loras.lora_inspector import (
+    InvalidLoRAError,
+    LoRAInspection,
+    check_lora_fits_pipeline,
+    inspect_lora_header,
+)
+from app.features.loras.safetensors_file import read_header
+
+
+def generate(pipeline: Any) -> np.ndarray:
+    generator = torch.Generator().manual_seed(0)
+    result = pipeline(
+        "a red cube",
+        num_inference_steps=4,
+        height=64,
+        width=64,
+        generator=generator,
+        output_type="np",
+    )
+    image: np.ndarray = result.images[0]
+    return image
+
+
+def checksum(pipeline: Any) -> str:
+    digest = hashlib.sha256()
+    for component in (pipeline.unet, pipeline.text_encoder):
+        for name, tensor in sorted(component.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def has_adapters(pipeline: Any) -> bool:
+    return any(
+        hasattr(component, "peft_config") or getattr(component, "_hf_peft_config_loaded", False)
+        for component in (pipeline.unet, pipeline.text_encoder)
+    )
+
+
+def inspect_file(path: Path) -> LoRAInspection:
+    return inspect_lora_header(read_header(path))
+
+
+def assert_refused_untouched(
+    path: Path, pipeline: Any, error: type[InvalidLoRAError] = InvalidLoRAError
+) -> InvalidLoRAError:
+    before = checksum(pipeline)
+    with pytest.raises(error) as caught:
+        check_lora_fits_pipeline(path, pipeline, "my-lora")
+    assert checksum(pipeline) == before
+    assert not has_adapters(pipeline)
+    return caught.value
+
+
+def load_and_generate(pipeline: Any, path: Path) -> np.ndarray:
+    pipeline.load_lora_weights(str(path), adapter_name="x")
+    try:
+        return generate(pipeline)
+    finally:
+        pipeline.unload_lora_weights()
