@@ -8,7 +8,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import socketio
 import torch
 from diffusers import StableDiffusionPipeline
 from fastapi import FastAPI
@@ -16,6 +15,7 @@ from fastapi import FastAPI
 from app.config import EMBEDDED_MODEL_ID, Settings
 from app.cores.model_manager.embedded_model import build_embedded_model
 from app.main import create_app
+from tests.harness import http_client
 
 
 @pytest.fixture(scope="session")
@@ -53,8 +53,7 @@ async def app(settings: Settings) -> AsyncIterator[FastAPI]:
 @pytest.fixture
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     """HTTP through the full ASGI stack (Socket.IO wrapper, middleware, routes)."""
-    transport = httpx.ASGITransport(app=socketio.ASGIApp(app.state.sio, other_asgi_app=app))
-    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
+    async with http_client(app) as http:
         yield http
 
 

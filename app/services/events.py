@@ -2,6 +2,10 @@
 
 Diffusers work runs in worker threads, so ``emit`` is thread-safe and never blocks: it puts
 the event on a queue that one task on the event loop drains. One consumer keeps the order.
+
+Listeners (``add_listener``) see each event synchronously, in the emitting thread, before it
+is queued: in-process observers such as tests use them to wait for, or to pause at, a known
+point of the work (a denoising step, a download's last state) instead of guessing with sleeps.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import socketio
@@ -16,6 +21,7 @@ import socketio
 logger = logging.getLogger(__name__)
 
 Payload = dict[str, Any]
+Listener = Callable[[str, Payload], None]
 
 
 class EventEmitter:
@@ -24,6 +30,17 @@ class EventEmitter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[tuple[str, Payload] | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._listeners: list[Listener] = []
+
+    def add_listener(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener(event, payload)`` for every event from now on; returns a function
+        that removes it. A listener that raises is logged and does not stop the event."""
+        self._listeners = [*self._listeners, listener]
+
+        def remove() -> None:
+            self._listeners = [other for other in self._listeners if other is not listener]
+
+        return remove
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -40,6 +57,11 @@ class EventEmitter:
 
     def emit(self, event: str, payload: Payload) -> None:
         """Queue ``event`` for every client; callable from any thread."""
+        for listener in self._listeners:
+            try:
+                listener(event, payload)
+            except Exception:
+                logger.exception("A listener of %s failed", event)
         loop = self._loop
         if loop is None or loop.is_closed():
             return

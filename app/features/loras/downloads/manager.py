@@ -223,25 +223,30 @@ class DownloadManager:
     # --- the work ---------------------------------------------------------------------
 
     async def _run(self, download: Download) -> None:
+        # A finished state means the work is finished: the temporary file is removed
+        # *before* the final state and event are published, so that a client that sees
+        # "failed" or "cancelled" never finds a leftover in <cache>/loras.
         created: list[PartialFile] = []
+        lora: LoRAInfo | None = None
+        state, detail = DownloadState.FAILED, None
         try:
             async with self._slots:
                 lora = await self._download_and_add(download, created)
-            self._finish(download, DownloadState.COMPLETED, lora=lora)
+            state = DownloadState.COMPLETED
             logger.info("LoRA download %s completed: '%s'", download.id, lora.name)
         except asyncio.CancelledError:
-            self._finish(download, DownloadState.CANCELLED)
+            state = DownloadState.CANCELLED
             logger.info("LoRA download %s cancelled", download.id)
         except (DownloadError, AppError) as error:
-            self._finish(download, DownloadState.FAILED, detail=error.detail)
+            detail = error.detail
             logger.warning("LoRA download %s failed: %s", download.id, error.detail)
         except Exception:
             logger.exception("LoRA download %s failed unexpectedly", download.id)
             detail = "Unexpected error while adding the LoRA; see the server log."
-            self._finish(download, DownloadState.FAILED, detail=detail)
         finally:
             for partial in created:
                 await in_thread(partial.discard)
+            self._finish(download, state, lora=lora, detail=detail)
 
     async def _download_and_add(self, download: Download, created: list[PartialFile]) -> LoRAInfo:
         plan = download.plan

@@ -4,38 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
-import socketio
-from fastapi import FastAPI
 
 from app.config import Settings
-from app.main import create_app
 
 UserFiles = Callable[..., Path]
-
-
-@asynccontextmanager
-async def running_app(
-    settings: Settings, *, raise_app_exceptions: bool = True
-) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    """A fresh app on ``settings`` (lifespan run, start-up repair included) and a client.
-
-    ``raise_app_exceptions=False`` lets an unhandled server error arrive as the 500 response a
-    real client gets, instead of being raised into the test.
-    """
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(
-            app=socketio.ASGIApp(app.state.sio, other_asgi_app=app),
-            raise_app_exceptions=raise_app_exceptions,
-        )
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
-            yield app, http
 
 
 def stored_entries(settings: Settings) -> set[str]:

@@ -20,13 +20,13 @@ from tests.app.features.loras.helpers import (
     UserFiles,
     assert_refused,
     list_loras,
-    running_app,
     sha256_of,
     snapshot,
     stored_entries,
     upload,
     upload_ok,
 )
+from tests.harness import running_app
 
 # ---------------------------------------------------------------------------------------------
 # Accepted uploads

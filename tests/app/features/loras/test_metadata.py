@@ -8,16 +8,12 @@ import hashlib
 import json
 import sqlite3
 import struct
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import socketio
 import torch
-from fastapi import FastAPI
 from safetensors.torch import load_file, save_file
 
 from app.config import Settings
@@ -32,8 +28,8 @@ from app.features.loras.metadata import (
     trigger_words,
 )
 from app.features.loras.safetensors_file import read_header
-from app.main import create_app
 from tests.factories.lora_files import write_lora, write_raw_header
+from tests.harness import running_app
 
 TAG_FREQUENCY = json.dumps(
     {
@@ -255,15 +251,6 @@ async def test_metadata_the_safetensors_library_refuses_is_refused(
 
 # ---------------------------------------------------------------------------------------------
 # Rows added before the details were stored
-
-
-@asynccontextmanager
-async def running_app(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=socketio.ASGIApp(app.state.sio, other_asgi_app=app))
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
-            yield app, http
 
 
 async def test_old_rows_are_described_at_start(

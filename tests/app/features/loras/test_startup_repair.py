@@ -11,10 +11,10 @@ from tests.app.features.loras.helpers import (
     UserFiles,
     captured_warnings,
     list_loras,
-    running_app,
     stored_entries,
     upload_ok,
 )
+from tests.harness import running_app
 
 # ---------------------------------------------------------------------------------------------
 # Start-up repair

@@ -15,10 +15,10 @@ from app.config import MiB, Settings
 from tests.app.features.loras.helpers import (
     UserFiles,
     assert_refused,
-    running_app,
     upload_ok,
 )
 from tests.factories import lora_files
+from tests.harness import running_app
 
 # ---------------------------------------------------------------------------------------------
 # Refused uploads: checks on the path

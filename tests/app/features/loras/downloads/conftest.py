@@ -6,20 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import socketio
 import torch
 from diffusers import StableDiffusionPipeline
-from fastapi import FastAPI
 
 from app.config import Settings
-from app.main import create_app
 from tests.app.features.loras.conftest import LoRASources
 from tests.app.features.loras.downloads.fake_remote import FakeRemote, running_remote
 from tests.factories import lora_files
@@ -69,16 +65,6 @@ def distinct_loras(
         ).read_bytes()
         for index in range(20)
     ]
-
-
-@asynccontextmanager
-async def running_app(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    """A fresh app on ``settings`` (lifespan run) and a client through the full ASGI stack."""
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=socketio.ASGIApp(app.state.sio, other_asgi_app=app))
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
-            yield app, http
 
 
 async def start(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -13,23 +14,23 @@ from app.config import Settings
 from tests.app.features.loras.downloads.conftest import (
     assert_nothing_kept,
     download,
-    running_app,
+    entries,
     start,
     wait_for,
 )
 from tests.app.features.loras.downloads.fake_remote import FakeRemote, closed_port_url
+from tests.harness import running_app
 
 Events = list[tuple[str, dict[str, Any]]]
 
 
 @pytest.fixture
-def emitted(app: FastAPI, monkeypatch: pytest.MonkeyPatch) -> Events:
+def emitted(app: FastAPI) -> Iterator[Events]:
     """Every event the app emits (no Socket.IO client needed)."""
     received: Events = []
-    monkeypatch.setattr(
-        app.state.events, "emit", lambda name, payload: received.append((name, payload))
-    )
-    return received
+    remove = app.state.events.add_listener(lambda name, payload: received.append((name, payload)))
+    yield received
+    remove()
 
 
 async def assert_failed(
@@ -172,3 +173,25 @@ async def test_civitai_api_down_fails_the_download_not_the_request(
         assert started["state"] == "failed"
         assert "could not connect" in started["detail"].lower()
         assert (await wait_for(client, started["id"]))["state"] == "failed"
+
+
+async def test_the_final_state_is_published_after_the_clean_up(
+    app: FastAPI, client: httpx.AsyncClient, settings: Settings, remote: FakeRemote
+) -> None:
+    # A client that reads "failed" and then looks at the folder must find it clean: what
+    # the folder holds is recorded at the very moment the final event is emitted. (A
+    # redirect loop fails the transfer itself, while the temporary file exists.)
+    seen_at_the_end: list[set[str]] = []
+
+    def on_event(name: str, _payload: dict[str, Any]) -> None:
+        if name == "lora_download_failed":
+            seen_at_the_end.append(entries(settings))
+
+    remote.redirects["/loop/a"] = remote.url("/loop/b")
+    remote.redirects["/loop/b"] = remote.url("/loop/a")
+    remove = app.state.events.add_listener(on_event)
+    try:
+        await assert_failed(client, settings, {"url": remote.url("/loop/a")}, "redirects")
+    finally:
+        remove()
+    assert seen_at_the_end == [set()]

@@ -18,11 +18,11 @@ from tests.app.features.loras.downloads.conftest import (
     download,
     entries,
     lora_rows,
-    running_app,
     start,
     wait_for,
 )
 from tests.app.features.loras.downloads.fake_remote import FakeRemote
+from tests.harness import running_app
 
 
 @pytest.mark.parametrize("ranges", [True, False], ids=["resumed", "restarted"])
