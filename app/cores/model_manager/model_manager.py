@@ -9,13 +9,18 @@ blocks on it and a cancelled request cannot release it early.
 Load and unload requests follow "the latest request wins": each one takes a new number
 (``_epoch``); a load whose number is no longer the latest stops at its next checkpoint and
 its request ends with 204, and an unload that a newer load overtook does nothing.
+
+A load of the model that is already loaded answers at once, without the lock, only while no
+unload is in flight: an unload that has already taken the lock may be releasing that very
+pipeline, so such a load goes through the lock and loads the model again if it is gone.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -52,7 +57,10 @@ class ModelManager:
         self._lora_cache_limits = (lora_cache_max_count, lora_cache_max_bytes)
         self._lock = threading.Lock()
         self._pipeline: PipelineManager | None = None
+        self._loaded: LoadedModel | None = None
+        """What the load response says about ``_pipeline``, computed once at load time."""
         self._epoch = 0
+        self._unloads_in_flight = 0
         self._loading_model_id: str | None = None
         self.safety_check_enabled = True
 
@@ -90,10 +98,15 @@ class ModelManager:
         """
         if self._loading_model_id == model_id:
             return None
-        current = self._pipeline
-        if self._loading_model_id is None and current is not None and current.model_id == model_id:
-            self._epoch += 1  # this request is now the latest: a pending unload must not win
-            return self._describe(current)
+        loaded = self._loaded
+        if (
+            self._loading_model_id is None
+            and self._unloads_in_flight == 0
+            and loaded is not None
+            and loaded.model_id == model_id
+        ):
+            self._epoch += 1  # this request is now the latest: a later unload must come after
+            return loaded
         self._epoch += 1
         epoch = self._epoch
         self._loading_model_id = model_id
@@ -112,7 +125,11 @@ class ModelManager:
         """Unload the model, after any running generation; cancels a load in progress."""
         self._epoch += 1
         self._loading_model_id = None
-        await anyio.to_thread.run_sync(self._unload_blocking, self._epoch)
+        self._unloads_in_flight += 1
+        try:
+            await anyio.to_thread.run_sync(self._unload_blocking, self._epoch)
+        finally:
+            self._unloads_in_flight -= 1
 
     async def run(self, work: Callable[[PipelineManager], T]) -> T:
         """Run ``work`` on the loaded pipeline in a worker thread, holding the lock."""
@@ -126,10 +143,25 @@ class ModelManager:
             pipeline.safety_check_enabled = self.safety_check_enabled
             return work(pipeline)
 
-    def _describe(self, pipeline: PipelineManager) -> LoadedModel:
-        return LoadedModel(pipeline.model_id, pipeline.describe(), pipeline.sample_size)
+    @property
+    def busy(self) -> bool:
+        """Whether something holds the pipeline lock right now (a load, a generation...)."""
+        return self._lock.locked()
+
+    @contextmanager
+    def held(self, timeout: float = 30.0) -> Iterator[None]:
+        """Hold the pipeline lock from the calling thread: every load, unload and generation
+        waits until the block ends. For maintenance and for tests that need requests to
+        queue at a known point; never call it from a thread that runs pipeline work."""
+        if not self._lock.acquire(timeout=timeout):
+            raise TimeoutError("the pipeline stayed busy")
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def _release(self) -> None:
+        self._loaded = None
         if self._pipeline is not None:
             self._pipeline.close()
             self._pipeline = None
@@ -145,6 +177,8 @@ class ModelManager:
         with self._lock:
             if epoch != self._epoch:
                 return None
+            if self._loaded is not None and self._loaded.model_id == model_id:
+                return self._loaded  # loaded already (an overtaken unload left it in place)
             self._release()
             device = device_for_load()
             emit = self._events.emit
@@ -183,9 +217,10 @@ class ModelManager:
                 pipeline.close()
                 return None
             self._pipeline = pipeline
+            self._loaded = LoadedModel(model_id, pipeline.describe(), pipeline.sample_size)
             logger.info("Loaded %s on %s", model_id, device)
             emit("model_load_completed", {"model_id": model_id})
-            return self._describe(pipeline)
+            return self._loaded
 
     def forget_lora(self, cache_key: str) -> None:
         """Drop a deleted LoRA's prepared tensors; safe while a generation runs."""

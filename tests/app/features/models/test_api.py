@@ -2,13 +2,14 @@
 
 Several tests here need a load to be *in progress* when the next request reaches the model
 manager. A real load of the tiny model takes well under 0.1 s, so rather than racing it,
-those tests hold the manager's real pipeline lock (``ModelManager._lock``) while they stage
+those tests hold the manager's real pipeline lock (``ModelManager.held()``) while they stage
 the requests. Every pipeline operation takes that lock inside its worker thread *after* the
-request has claimed its number (``_epoch``) on the event loop, so with the lock held each
-request's worker waits at a known point, and the order in which the requests reached the
-manager is exactly the order the test created: ``_wait_until`` observes each request's
-synchronous bookkeeping (``loading_model_id``) before the next one is sent. Releasing the
-lock then lets the workers decide, and "the latest request wins" fixes the outcome.
+request has claimed its place in the "latest request wins" order on the event loop, so with
+the lock held each request's worker waits at a known point, and the order in which the
+requests reached the manager is exactly the order the test created: ``wait_until`` observes
+each request's synchronous bookkeeping (``loading_model_id``) before the next one is sent.
+Releasing the lock then lets the workers decide, and "the latest request wins" fixes the
+outcome.
 
 Why not simply ``asyncio.gather(load, unload)``: a load awaits a database lookup (and
 FastAPI runs the app's plain ``def`` dependencies in the thread pool) before it reaches the
@@ -20,8 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -35,29 +35,17 @@ from app.config import EMBEDDED_MODEL_ID, Settings
 from app.cores.model_manager.model_manager import ModelManager
 from app.database import crud
 from app.main import create_app
+from tests.harness import wait_until
 
 COPY_ID = "tests/tiny-sd-copy"
-
-
-async def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.001)
 
 
 @contextmanager
 def _pipeline_lock_held(app: FastAPI) -> Iterator[ModelManager]:
     """Hold the real pipeline lock: every load/unload/generation worker waits for it."""
     manager: ModelManager = app.state.model_manager
-    lock: threading.Lock = manager._lock
-    assert lock.acquire(timeout=10)
-    try:
+    with manager.held():
         yield manager
-    finally:
-        lock.release()
 
 
 def _start(coroutine: Coroutine[Any, Any, httpx.Response]) -> asyncio.Task[httpx.Response]:
@@ -120,11 +108,17 @@ async def test_load_answers_with_the_model_description(client: httpx.AsyncClient
 async def test_loading_the_loaded_model_again_returns_at_once(
     loaded_client: httpx.AsyncClient, app: FastAPI
 ) -> None:
-    pipeline = app.state.model_manager._pipeline
-    response = await _load(loaded_client)
+    events: list[str] = []
+    remove = app.state.events.add_listener(lambda name, _: events.append(name))
+    try:
+        # Even while a generation holds the pipeline: the answer needs no lock.
+        with app.state.model_manager.held():
+            response = await _load(loaded_client)
+    finally:
+        remove()
     assert response.status_code == 200
     assert response.json()["model_id"] == EMBEDDED_MODEL_ID
-    assert app.state.model_manager._pipeline is pipeline  # the same pipeline, not reloaded
+    assert events == []  # not reloaded: no model_load_* events
 
 
 async def test_switching_to_another_model_replaces_the_loaded_one(
@@ -180,9 +174,9 @@ async def test_unload_releases_the_model(loaded_client: httpx.AsyncClient) -> No
 async def test_unload_during_a_load_cancels_it(client: httpx.AsyncClient, app: FastAPI) -> None:
     with _pipeline_lock_held(app) as manager:
         load = _start(_load(client))
-        await _wait_until(lambda: manager.loading_model_id == EMBEDDED_MODEL_ID)
+        await wait_until(lambda: manager.loading_model_id == EMBEDDED_MODEL_ID)
         unload = _start(client.post("/models/unload"))
-        await _wait_until(lambda: manager.loading_model_id is None)
+        await wait_until(lambda: manager.loading_model_id is None)
     load_response, unload_response = await asyncio.gather(load, unload)
     assert load_response.status_code == 204
     assert load_response.content == b""
@@ -199,7 +193,7 @@ async def test_unload_cancels_a_load_that_is_already_running(
     manager: ModelManager = app.state.model_manager
     load = _start(_load(client))
     # (``load.done()`` only guards against a stalled event loop missing the whole load.)
-    await _wait_until(lambda: manager.loading_model_id == EMBEDDED_MODEL_ID or load.done())
+    await wait_until(lambda: manager.loading_model_id == EMBEDDED_MODEL_ID or load.done())
     unload_response = await client.post("/models/unload")
     load_response = await load
     assert unload_response.status_code == 200
@@ -233,11 +227,11 @@ async def test_load_unload_load_ends_loaded(client: httpx.AsyncClient, app: Fast
     async def staged() -> list[httpx.Response]:
         with _pipeline_lock_held(app):
             first = _start(_load(client))
-            await _wait_until(lambda: manager.loading_model_id == EMBEDDED_MODEL_ID)
+            await wait_until(lambda: manager.loading_model_id == EMBEDDED_MODEL_ID)
             unload = _start(client.post("/models/unload"))
-            await _wait_until(lambda: manager.loading_model_id is None)
+            await wait_until(lambda: manager.loading_model_id is None)
             second = _start(_load(client))
-            await _wait_until(lambda: manager.loading_model_id == EMBEDDED_MODEL_ID)
+            await wait_until(lambda: manager.loading_model_id == EMBEDDED_MODEL_ID)
         return list(await asyncio.gather(first, unload, second))
 
     first, unload, second = await staged()
@@ -272,6 +266,51 @@ async def test_load_unload_load_gathered_ends_loaded(
     assert not await _nothing_loaded(client)
 
 
+SEQUENCES = [
+    ("unload", "load"),
+    ("unload", "load", "load"),
+    ("load", "unload", "load"),
+    ("unload", "load", "unload", "load"),
+    ("load", "load", "unload"),
+    ("load", "unload"),
+]
+
+
+@pytest.mark.parametrize("start_loaded", [True, False], ids=["from-loaded", "from-empty"])
+@pytest.mark.parametrize("sequence", SEQUENCES, ids=["-".join(s) for s in SEQUENCES])
+async def test_the_latest_request_wins_at_any_spacing(
+    client: httpx.AsyncClient, app: FastAPI, sequence: tuple[str, ...], start_loaded: bool
+) -> None:
+    # The UI after a window reload: unload, then at once load the same model. Whatever the
+    # gaps between the requests (so whatever each one finds the manager doing), the model
+    # ends in the state the last request asked for, and no request fails.
+    manager: ModelManager = app.state.model_manager
+    for gap_ms in (0, 1, 3, 5, 10):
+        if start_loaded:
+            assert (await _load(client)).status_code == 200
+        else:
+            assert (await client.post("/models/unload")).status_code == 200
+        tasks: list[asyncio.Task[httpx.Response]] = []
+        for index, kind in enumerate(sequence):
+            if index:
+                await asyncio.sleep(gap_ms / 1000)  # spacing only: nothing waits on it
+            request = _load(client) if kind == "load" else client.post("/models/unload")
+            tasks.append(_start(request))
+        responses = await asyncio.gather(*tasks)
+        statuses = [r.status_code for r in responses]
+        for kind, status in zip(sequence, statuses, strict=True):
+            assert status in ((200, 204) if kind == "load" else (200,)), (gap_ms, statuses)
+        if sequence[-1] == "load":
+            # A 204 for the last load means an earlier load of the same model was under
+            # way and loads it: one of them answered 200.
+            assert 200 in [s for k, s in zip(sequence, statuses, strict=True) if k == "load"]
+            assert manager.loaded_model_id == EMBEDDED_MODEL_ID, (gap_ms, statuses)
+            assert not await _nothing_loaded(client)
+        else:
+            assert manager.loaded_model_id is None, (gap_ms, statuses)
+            assert await _nothing_loaded(client)
+
+
 async def test_a_load_of_another_model_cancels_the_running_one(
     client: httpx.AsyncClient, app: FastAPI, settings: Settings
 ) -> None:
@@ -279,9 +318,9 @@ async def test_a_load_of_another_model_cancels_the_running_one(
     await _register_copy(app, settings)
     with _pipeline_lock_held(app) as manager:
         first = _start(_load(client))
-        await _wait_until(lambda: manager.loading_model_id == EMBEDDED_MODEL_ID)
+        await wait_until(lambda: manager.loading_model_id == EMBEDDED_MODEL_ID)
         second = _start(_load(client, COPY_ID))
-        await _wait_until(lambda: manager.loading_model_id == COPY_ID)
+        await wait_until(lambda: manager.loading_model_id == COPY_ID)
     first_response, second_response = await asyncio.gather(first, second)
     assert first_response.status_code == 204
     assert second_response.status_code == 200
@@ -322,7 +361,7 @@ async def test_delete_a_loading_model_is_a_conflict(
 ) -> None:
     with _pipeline_lock_held(app) as manager:
         load = _start(_load(client))
-        await _wait_until(lambda: manager.loading_model_id == EMBEDDED_MODEL_ID)
+        await wait_until(lambda: manager.loading_model_id == EMBEDDED_MODEL_ID)
         response = await client.delete("/models", params={"model_id": EMBEDDED_MODEL_ID})
     assert response.status_code == 409
     assert (await load).status_code == 200
