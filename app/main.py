@@ -30,7 +30,7 @@ from app.features.loras.downloads.manager import DownloadManager
 from app.features.models import service as models_service
 from app.features.models.api import router as models_router
 from app.features.styles.api import router as styles_router
-from app.http import TrailingSlashMiddleware, app_error_handler, unexpected_error_handler
+from app.http import TrailingSlashMiddleware, UnexpectedErrorMiddleware, app_error_handler
 from app.logging_setup import configure_logging
 from app.services.events import EventEmitter
 from app.services.storage import GENERATED_IMAGES_URL_PREFIX, Storage
@@ -90,7 +90,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.events = EventEmitter(sio)
 
     app.add_exception_handler(AppError, app_error_handler)
-    app.add_exception_handler(Exception, unexpected_error_handler)
+    # Middleware added first runs innermost: errors become 500s inside CORS.
+    app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(
         CORSMiddleware,
         allow_origin_regex=".*",  # any origin, credentials allowed, as the UI expects
