@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import or_, select
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.database.models import DownloadedModel, GeneratedImage, History, LoRA
@@ -138,19 +139,26 @@ async def create_lora(
     sha256: str,
     source_path: str | None,
     details: Mapping[str, Any] | None = None,
-) -> LoRA:
-    """``details``: the extra columns by name (``LoRADetails.columns()``, ``source_url``...)."""
-    row = LoRA(
-        name=name,
-        file_path=file_path,
-        file_size=file_size,
-        sha256=sha256,
-        source_path=source_path,
+) -> LoRA | None:
+    """Add a LoRA row, or nothing (None) when its name or sha256 is taken.
+
+    ``INSERT ... ON CONFLICT DO NOTHING`` instead of an ORM flush: a lost race on a unique
+    column must not fail the request's transaction (a failed flush can only be rolled back,
+    and only the request's owner ends its transaction). The statement takes SQLite's write
+    lock, so whatever the caller reads afterwards in this transaction is current.
+    ``details``: the extra columns by name (``LoRADetails.columns()``, ``source_url``...).
+    """
+    values = {
+        "name": name,
+        "file_path": file_path,
+        "file_size": file_size,
+        "sha256": sha256,
+        "source_path": source_path,
         **dict(details or {}),
-    )
-    session.add(row)
-    await session.flush()
-    return row
+    }
+    statement = sqlite_insert(LoRA).values(values).on_conflict_do_nothing().returning(LoRA.id)
+    new_id = (await session.execute(statement)).scalar_one_or_none()
+    return None if new_id is None else await session.get(LoRA, new_id)
 
 
 async def delete_lora(session: AsyncSession, row: LoRA) -> None:

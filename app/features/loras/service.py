@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
@@ -184,28 +183,28 @@ async def ingest(
 async def _create_row(
     session: AsyncSession, origin: Origin, file_path: str, staged: file_manager.StagedLoRA
 ) -> LoRA:
-    attempts = 0
-    while True:
-        attempts += 1
-        try:
-            return await crud.create_lora(
-                session,
-                name=await _display_name(session, origin.name),
-                file_path=file_path,
-                file_size=staged.size,
-                sha256=staged.sha256,
-                source_path=origin.source_path,
-                details={**staged.details.columns(), **origin.columns},
-            )
-        except IntegrityError:
-            # A concurrent request committed the same content (409), or took the same display
-            # name (choose again); anything else is a real database fault (500).
-            await session.rollback()
-            raced = await crud.get_lora_by_sha256(session, staged.sha256)
-            if raced is not None:
-                raise ConflictError(duplicate_message(raced)) from None
-            if attempts >= _CREATE_ATTEMPTS:
-                raise
+    """Insert the row under the first free display name (``same``, ``same (2)``...).
+
+    Concurrent requests may pick the same name: the insert then adds nothing and the name is
+    chosen again. After the first attempt this transaction holds SQLite's write lock, so the
+    second attempt sees every committed name and cannot lose again.
+    """
+    for _ in range(_CREATE_ATTEMPTS):
+        row = await crud.create_lora(
+            session,
+            name=await _display_name(session, origin.name),
+            file_path=file_path,
+            file_size=staged.size,
+            sha256=staged.sha256,
+            source_path=origin.source_path,
+            details={**staged.details.columns(), **origin.columns},
+        )
+        if row is not None:
+            return row
+        raced = await crud.get_lora_by_sha256(session, staged.sha256)
+        if raced is not None:  # a concurrent request committed the same content first
+            raise ConflictError(duplicate_message(raced))
+    raise RuntimeError(f"no free display name for LoRA '{origin.name}'")
 
 
 async def list_loras(

@@ -95,3 +95,20 @@ def pipeline(tiny_pipeline: StableDiffusionPipeline) -> Iterator[StableDiffusion
     """The shared tiny pipeline, with every LoRA unloaded after the test."""
     yield tiny_pipeline
     tiny_pipeline.unload_lora_weights()
+
+
+@pytest.fixture(scope="session")
+def distinct_loras(
+    tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path
+) -> list[bytes]:
+    """20 real LoRA files that differ in content (their metadata)."""
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        str(embedded_model_dir), torch_dtype=torch.float32, local_files_only=True
+    )
+    folder = tmp_path_factory.mktemp("distinct-loras")
+    return [
+        lora_files.write_lora(
+            folder / f"{index}.safetensors", pipeline, metadata={"ss_output_name": f"n{index}"}
+        ).read_bytes()
+        for index in range(20)
+    ]

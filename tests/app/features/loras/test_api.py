@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -26,7 +25,7 @@ from tests.app.features.loras.helpers import (
     upload,
     upload_ok,
 )
-from tests.harness import running_app
+from tests.harness import running_app, wait_until
 
 # ---------------------------------------------------------------------------------------------
 # Accepted uploads
@@ -239,20 +238,21 @@ async def lined_up_uploads(
     client: httpx.AsyncClient, settings: Settings, paths: list[Path]
 ) -> AsyncIterator[list[asyncio.Task[httpx.Response]]]:
     """Start concurrent uploads of ``paths`` while another connection holds SQLite's write
-    lock, so that every upload passes its duplicate check, places its file and waits at its
-    INSERT; the lock is released on leaving the block, then each request commits or fails.
-    The yielded tasks are done after the block."""
+    lock, so that every upload passes its duplicate check and places its file before any of
+    them can write its row; the lock is released on leaving the block, then each request
+    commits or fails. The yielded tasks are done after the block."""
     database = settings.resolved_database_url.removeprefix("sqlite+aiosqlite:///")
     blocker = sqlite3.connect(database, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     tasks = [asyncio.ensure_future(upload(client, path)) for path in paths]
     try:
-        deadline = time.monotonic() + 10
-        while len([e for e in stored_entries(settings) if not e.startswith(".")]) < len(paths):
-            assert time.monotonic() < deadline, stored_entries(settings)
+
+        def all_placed() -> bool:
             assert not any(task.done() for task in tasks), [t.result().text for t in tasks]
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)  # into their INSERTs, which wait for the lock
+            placed = [e for e in stored_entries(settings) if not e.startswith(".")]
+            return len(placed) == len(paths)
+
+        await wait_until(all_placed, what="every upload placed its file")
         yield tasks
     finally:
         blocker.execute("ROLLBACK")
@@ -298,3 +298,25 @@ async def test_concurrent_uploads_of_different_files_with_the_same_name(
     }
     assert stored_entries(settings) == {Path(info["file_path"]).name for info in infos}
     assert await list_loras(client) == sorted(infos, key=lambda info: info["id"])
+
+
+async def test_twenty_simultaneous_uploads_sharing_a_file_name(
+    client: httpx.AsyncClient, settings: Settings, user_dir: Path, distinct_loras: list[bytes]
+) -> None:
+    # As the UI sends them: no lock games, all at once; each must find its own free name.
+    paths = []
+    for index, data in enumerate(distinct_loras):
+        path = user_dir / str(index) / "same.safetensors"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(data)
+        paths.append(path)
+
+    responses = await asyncio.gather(*(upload(client, path) for path in paths))
+
+    assert [r.status_code for r in responses] == [201] * 20, [r.text for r in responses]
+    names = sorted(r.json()["name"] for r in responses)
+    assert names == sorted(["same"] + [f"same ({n})" for n in range(2, 21)])
+    infos = await list_loras(client)
+    assert len(infos) == 20
+    assert {Path(info["file_path"]).read_bytes() for info in infos} == set(distinct_loras)
+    assert stored_entries(settings) == {Path(info["file_path"]).name for info in infos}

@@ -7,18 +7,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import torch
-from diffusers import StableDiffusionPipeline
 
 from app.config import Settings
 from tests.app.features.loras.conftest import LoRASources
 from tests.app.features.loras.downloads.fake_remote import FakeRemote, running_remote
-from tests.factories import lora_files
 
 FINISHED = {"completed", "failed", "cancelled"}
 TIMEOUT = 20.0
@@ -48,23 +44,6 @@ def settings(settings: Settings, remote: FakeRemote) -> Settings:
 def lora_bytes(lora_sources: LoRASources) -> dict[str, bytes]:
     """Bytes of the factory's files: ``kohya_unet``, ``peft_unet``, ``pickle_renamed``..."""
     return {path.stem: path.read_bytes() for path in lora_sources.folder.glob("*.safetensors")}
-
-
-@pytest.fixture(scope="session")
-def distinct_loras(
-    tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path
-) -> list[bytes]:
-    """20 real LoRA files that differ in content (their metadata)."""
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        str(embedded_model_dir), torch_dtype=torch.float32, local_files_only=True
-    )
-    folder = tmp_path_factory.mktemp("distinct-loras")
-    return [
-        lora_files.write_lora(
-            folder / f"{index}.safetensors", pipeline, metadata={"ss_output_name": f"n{index}"}
-        ).read_bytes()
-        for index in range(20)
-    ]
 
 
 async def start(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
