@@ -1,9 +1,9 @@
 # Everyday commands. `make run` and `make test` create or reuse the virtual environment .venv.
 #
-# torch: on a machine without an NVIDIA GPU the CPU build of torch 2.13.0 is installed first
-# (never the multi-GB CUDA build). Set TORCH_INDEX_URL to pick a build explicitly, e.g.
+# torch 2.13.0 is installed first: on Linux without an NVIDIA GPU the CPU build (2.13.0+cpu) from
+# PyTorch's CPU index, never PyPI's multi-GB CUDA build; with `nvidia-smi`, or on macOS (CPU + MPS),
+# PyPI's build. Set TORCH_INDEX_URL to pick a build explicitly, e.g.
 #   make TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 run    (CUDA 12.8)
-#   make TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu run      (CPU, from PyTorch)
 
 PYTHON ?= python3
 VENV := .venv
@@ -11,6 +11,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 TORCH_INDEX_URL ?=
+TORCH_CPU_INDEX_URL := https://download.pytorch.org/whl/cpu
+# `torch==2.13.0+cpu` matches only the CPU build: from that index, or a wheel pip already finds
+# (find-links, a mirror); never PyPI's CUDA build. Only torch is looked up there (its dependencies
+# come with the project below) and with short timeouts, so an index out of reach costs seconds.
+TORCH_CPU_PIP_ARGS := --no-deps --timeout 15 --retries 1 --extra-index-url $(TORCH_CPU_INDEX_URL)
 
 .PHONY: install run test lint format typecheck pytest bench clean
 
@@ -24,10 +29,14 @@ $(STAMP): pyproject.toml
 	elif ! $(BIN)/python -c "import torch" 2>/dev/null; then \
 		if command -v nvidia-smi >/dev/null 2>&1; then \
 			echo "NVIDIA GPU found: installing torch $(TORCH_VERSION) with CUDA"; \
+			$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"; \
+		elif [ "$$(uname -s)" = Darwin ]; then \
+			echo "macOS: installing torch $(TORCH_VERSION) (CPU + MPS)"; \
+			$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"; \
 		else \
 			echo "No NVIDIA GPU: installing the CPU build of torch $(TORCH_VERSION)"; \
+			$(BIN)/python -m pip install --quiet $(TORCH_CPU_PIP_ARGS) "torch==$(TORCH_VERSION)+cpu"; \
 		fi; \
-		$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"; \
 	fi
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	@touch $(STAMP)
