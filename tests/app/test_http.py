@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 from sqlalchemy import text
 
 from app.config import EMBEDDED_MODEL_ID, Settings
@@ -31,3 +34,66 @@ async def test_a_server_error_carries_cors_headers(settings: Settings) -> None:
         assert response.headers["access-control-allow-credentials"] == "true"
         # The server goes on answering on the same client.
         assert (await client.get("/", headers={"Origin": ORIGIN})).status_code == 200
+
+
+TOO_BIG_ID = 2**63  # one more than SQLite's largest integer
+
+ODD_INPUT = [
+    ("post", "/loras/upload", {"json": {"file_path": "/tmp/a\x00b.safetensors"}}, 400, "invalid"),
+    (
+        "post",
+        "/loras/upload",
+        {"json": {"file_path": "~no-such-user-x/a.safetensors"}},
+        400,
+        "home",
+    ),
+    (
+        "post",
+        "/loras/download",
+        {"json": {"url": "http://127.0.0.1:9/a\x00.safetensors"}},
+        400,
+        "URL",
+    ),
+    (
+        "post",
+        "/loras/download",
+        {"json": {"url": "http://127.0.0.1:9/a b.safetensors"}},
+        400,
+        "space",
+    ),
+    ("post", "/models/load", {"json": {"model_id": "a\x00b"}}, 422, "control"),
+    ("delete", "/models", {"params": {"model_id": "a\x00b"}}, 422, "control"),
+    ("get", f"/loras/{TOO_BIG_ID}", {}, 422, "less than or equal"),
+    ("delete", f"/loras/{TOO_BIG_ID}", {}, 422, "less than or equal"),
+    ("delete", f"/histories/{TOO_BIG_ID}", {}, 422, "less than or equal"),
+    (
+        "post",
+        "/generators",
+        {"json": {"history_id": TOO_BIG_ID, "config": {"prompt": "x"}}},
+        422,
+        "less",
+    ),
+    (
+        "post",
+        "/histories",
+        {"json": {"prompt": "x", "loras": [{"lora_id": TOO_BIG_ID, "weight": 1}]}},
+        422,
+        "less than or equal",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "options", "status", "fragment"),
+    ODD_INPUT,
+    ids=[f"{case[0]} {case[1]} {index}" for index, case in enumerate(ODD_INPUT)],
+)
+async def test_odd_input_is_refused_with_a_reason(
+    settings: Settings, method: str, path: str, options: dict[str, Any], status: int, fragment: str
+) -> None:
+    # NUL bytes, unknown ~users and ids beyond 64 bits used to reach the file system or
+    # SQLite and come back as 500s.
+    async with running_app(settings, raise_app_exceptions=False) as (_, client):
+        response = await client.request(method.upper(), path, **options)
+    assert response.status_code == status, response.text
+    assert fragment.lower() in response.text.lower()

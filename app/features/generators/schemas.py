@@ -5,6 +5,7 @@ from pydantic import BaseModel, Field, field_validator
 from app.features.config.upscalers import Upscaler
 from app.features.generators.samplers import Sampler
 from app.features.loras.schemas import MAX_LORAS_PER_GENERATION, LoRAConfigItem
+from app.validation import DatabaseId
 
 DEFAULT_NEGATIVE_PROMPT = (
     "worst quality, low quality, normal quality, lowres, blurry, jpeg artifacts, watermark, "
@@ -53,7 +54,7 @@ class GeneratorConfig(BaseModel):
 
 
 class GenerateRequest(BaseModel):
-    history_id: int
+    history_id: DatabaseId
     config: GeneratorConfig
 
 

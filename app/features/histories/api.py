@@ -6,6 +6,7 @@ from app.deps import ModelManagerDep, SessionDep, StorageDep
 from app.features.generators.schemas import GeneratorConfig
 from app.features.histories import service
 from app.features.histories.schemas import HistoryOut, MessageResponse
+from app.validation import DatabaseIdPath
 
 router = APIRouter(prefix="/histories", tags=["histories"])
 
@@ -26,7 +27,7 @@ async def list_histories(session: SessionDep) -> list[HistoryOut]:
 
 @router.delete("/{history_id}")
 async def delete_history(
-    history_id: int, session: SessionDep, storage: StorageDep
+    history_id: DatabaseIdPath, session: SessionDep, storage: StorageDep
 ) -> MessageResponse:
     """Delete a history entry and its image files."""
     await service.delete_history(session, storage, history_id)

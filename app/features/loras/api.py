@@ -16,6 +16,7 @@ from app.features.loras.schemas import (
     LoRAListResponse,
     LoRAUploadRequest,
 )
+from app.validation import DatabaseIdPath
 
 router = APIRouter(prefix="/loras", tags=["loras"])
 
@@ -82,14 +83,16 @@ async def list_loras(
 
 
 @router.get("/{lora_id}")
-async def get_lora(lora_id: int, session: SessionDep, models: ModelManagerDep) -> LoRAInfo:
+async def get_lora(
+    lora_id: DatabaseIdPath, session: SessionDep, models: ModelManagerDep
+) -> LoRAInfo:
     """Show one LoRA."""
     return await service.get_lora(session, models, lora_id)
 
 
 @router.delete("/{lora_id}")
 async def delete_lora(
-    lora_id: int, session: SessionDep, models: ModelManagerDep
+    lora_id: DatabaseIdPath, session: SessionDep, models: ModelManagerDep
 ) -> LoRADeleteResponse:
     """Delete a LoRA's record and its stored file."""
     await service.delete_lora(session, models, lora_id)

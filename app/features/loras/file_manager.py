@@ -28,6 +28,7 @@ from app.features.loras.hashes import PayloadHasher, tensor_sha256_of
 from app.features.loras.lora_inspector import InvalidLoRAError, LoRAInspection, inspect_lora_header
 from app.features.loras.metadata import LoRADetails, describe_lora
 from app.features.loras.safetensors_file import SafetensorsError, SafetensorsHeader, read_header
+from app.validation import control_character_in
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def _mb(size: int) -> str:
 
 def check_source(file_path: str, max_size: int) -> Path:
     """The checks that need no reading: existence, kind, extension, size."""
-    path = Path(file_path).expanduser()
+    path = _user_path(file_path)
     try:
         info = path.stat()
     except FileNotFoundError:
@@ -76,6 +77,20 @@ def check_source(file_path: str, max_size: int) -> Path:
     if info.st_size > max_size:
         raise LoRAFileError(size_limit_message(path.name, max_size, info.st_size))
     return path
+
+
+def _user_path(file_path: str) -> Path:
+    """The path the user typed, with ``~`` expanded; refused when no file can have it."""
+    found = control_character_in(file_path)
+    if found is not None:
+        raise LoRAFileError(
+            f"The path is invalid: it contains a control character (U+{ord(found):04X})."
+        )
+    try:
+        return Path(file_path).expanduser()
+    except RuntimeError:  # ~name of a user that does not exist, or no home folder
+        user = file_path.split("/", 1)[0]
+        raise LoRAFileError(f"The path is invalid: there is no home folder for {user}.") from None
 
 
 def check_name(file_name: str, *, pickle_only: bool = False) -> None:

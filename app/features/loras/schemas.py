@@ -5,6 +5,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
+from app.validation import DatabaseId
+
 MAX_LORAS_PER_GENERATION = 5
 
 
@@ -16,7 +18,7 @@ class LoRAConfigItem(BaseModel):
     """One LoRA of a generation. ``weight`` is the UI's slider; the optional per-component
     weights override it for the UNet (or transformer) and for the text encoder(s)."""
 
-    lora_id: int
+    lora_id: DatabaseId
     weight: float = Field(default=1.0, ge=0.0, le=2.0)
     unet_weight: float | None = Field(default=None, ge=0.0, le=2.0)
     text_encoder_weight: float | None = Field(default=None, ge=0.0, le=2.0)

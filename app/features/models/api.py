@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Response, status
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
 
 from app.deps import ModelManagerDep, SessionDep, SettingsDep, StorageDep
 from app.features.models import service
@@ -10,6 +12,7 @@ from app.features.models.schemas import (
     LoadModelResponse,
     MessageResponse,
 )
+from app.validation import ModelId
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -49,7 +52,10 @@ async def unload_model(models: ModelManagerDep) -> MessageResponse:
 
 @router.delete("")
 async def delete_model(
-    model_id: str, session: SessionDep, models: ModelManagerDep, storage: StorageDep
+    model_id: Annotated[ModelId, Query()],
+    session: SessionDep,
+    models: ModelManagerDep,
+    storage: StorageDep,
 ) -> MessageResponse:
     """Delete a downloaded model's files and record (409 while it is loaded)."""
     await service.delete_model(session, models, storage, model_id)

@@ -3,7 +3,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
+
+from app.validation import ModelId
 
 
 class DownloadedModelInfo(BaseModel):
@@ -17,7 +19,7 @@ class DownloadedModelInfo(BaseModel):
 
 
 class LoadModelRequest(BaseModel):
-    model_id: str = Field(min_length=1, max_length=512)
+    model_id: ModelId
 
 
 class LoadModelResponse(BaseModel):

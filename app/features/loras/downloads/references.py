@@ -14,6 +14,7 @@ from app.config import Settings
 from app.exceptions import BadRequestError
 from app.features.loras import file_manager
 from app.features.loras.downloads.schemas import LoRADownloadRequest
+from app.validation import control_character_in
 
 ALLOWED_SCHEMES = ("http", "https")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -58,6 +59,10 @@ Reference = URLRef | HuggingFaceRef | CivitAIRef
 
 def check_url(url: str) -> None:
     """Only absolute http(s) URLs, for the request and for every redirect."""
+    found = control_character_in(url)
+    if found is not None or " " in url:
+        character = "a space" if found is None else f"a control character (U+{ord(found):04X})"
+        raise BadRequestError(f"The URL is invalid: it contains {character}.")
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ALLOWED_SCHEMES:

@@ -1,0 +1,40 @@
+"""Input types shared by every feature's schemas: values that reach SQLite or the file system.
+
+SQLite stores signed 64-bit integers, so a larger id cannot name a row (and would make the
+driver raise): such ids are refused as validation errors. Names that reach paths, SQL and
+logs may not carry control characters (a NUL byte ends a C string: the file system and the
+Hub client would see another name than the one we checked).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Path
+from pydantic import AfterValidator, Field
+
+MAX_DATABASE_ID = 2**63 - 1
+
+DatabaseId = Annotated[int, Field(ge=0, le=MAX_DATABASE_ID)]
+"""A row id in a request body."""
+
+DatabaseIdPath = Annotated[int, Path(ge=0, le=MAX_DATABASE_ID)]
+"""A row id in a URL path (``/loras/{lora_id}``)."""
+
+
+def control_character_in(text: str) -> str | None:
+    """The first control character (C0, DEL or C1) in ``text``, or None."""
+    return next((c for c in text if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0), None)
+
+
+def _no_control_characters(text: str) -> str:
+    found = control_character_in(text)
+    if found is not None:
+        raise ValueError(f"must not contain control characters (found U+{ord(found):04X})")
+    return text
+
+
+ModelId = Annotated[
+    str, Field(min_length=1, max_length=512), AfterValidator(_no_control_characters)
+]
+"""A model id: a Hugging Face repo id (``owner/name``) or a name this backend gave a model."""
