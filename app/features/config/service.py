@@ -6,7 +6,7 @@ import torch
 
 from app.cores.model_manager.model_manager import ModelManager
 from app.exceptions import BadRequestError
-from app.features.config.schemas import BackendConfig, UserConfig
+from app.features.config.schemas import CPU_DEVICE, NEVER_CONFIGURED, BackendConfig, UserConfig
 from app.features.config.upscalers import upscaler_sections
 from app.features.hardware.service import list_gpus, total_ram
 from app.services.storage import Storage
@@ -34,10 +34,21 @@ def _total_gpu_memory(device_index: int) -> int:
     return 0
 
 
+def reported_device_index(stored: int, gpu_count: int) -> int:
+    """The ``device_index`` the UI sees. ``-2`` (never chosen) sends the UI to its GPU page,
+    which lists the CUDA GPUs: with none to list the page is a dead end, so a machine without
+    one reports ``-1`` (CPU) and the UI goes to the editor. Nothing is stored: the automatic
+    device choice still applies, and a GPU installed later brings the GPU page back."""
+    if stored == NEVER_CONFIGURED and gpu_count == 0:
+        return CPU_DEVICE
+    return stored
+
+
 def backend_config(storage: Storage) -> BackendConfig:
     config = read_user_config(storage)
+    device_index = reported_device_index(config.device_index, len(list_gpus()))
     return BackendConfig(
-        **config.model_dump(),
+        **config.model_copy(update={"device_index": device_index}).model_dump(),
         upscalers=upscaler_sections(),
         total_gpu_memory=_total_gpu_memory(config.device_index),
         total_ram_memory=total_ram(),

@@ -1,5 +1,7 @@
-"""The upscalers the hires fix offers. Traditional ones resize with Pillow; the AI ones
-(Real-ESRGAN) are listed because the UI shows them, and refused until they are installed."""
+"""The upscalers the hires fix offers. Traditional ones resize with Pillow. The AI ones
+(Real-ESRGAN) are contract values but not installed: they are refused, and not listed in
+``/config/`` (the UI picks ``RealESRGAN_x2plus`` whenever it is listed), so that everything
+the UI can choose runs on this machine."""
 
 from __future__ import annotations
 
@@ -33,11 +35,6 @@ _TRADITIONAL = [
     (Upscaler.BILINEAR, "Bilinear", "Soft, fast resampling.", 0.5),
     (Upscaler.NEAREST, "Nearest", "Blocky pixel copy; needs a strong denoise.", 0.6),
 ]
-_AI = [
-    (Upscaler.REALESRGAN_X2PLUS, "Real-ESRGAN x2+", "AI upscaler, 2x (not installed).", 0.3),
-    (Upscaler.REALESRGAN_X4PLUS, "Real-ESRGAN x4+", "AI upscaler, 4x (not installed).", 0.3),
-    (Upscaler.REALESRGAN_X4PLUS_ANIME, "Real-ESRGAN x4+ Anime", "Anime, 4x (not installed).", 0.3),
-]
 
 
 def upscaler_sections() -> list[UpscalerSection]:
@@ -58,5 +55,4 @@ def upscaler_sections() -> list[UpscalerSection]:
         UpscalerSection(
             method="traditional", title="Traditional", options=options(_TRADITIONAL, "traditional")
         ),
-        UpscalerSection(method="ai", title="AI upscalers", options=options(_AI, "ai")),
     ]

@@ -12,6 +12,7 @@ import torch
 from fastapi import FastAPI
 
 from app.config import Settings
+from app.features.config.service import reported_device_index
 from app.main import create_app
 
 # These expectations describe a machine without CUDA or MPS, as the test machine is.
@@ -21,7 +22,9 @@ cpu_only = pytest.mark.skipif(
 )
 
 TRADITIONAL = ["Lanczos", "Bicubic", "Bilinear", "Nearest"]
-AI = ["RealESRGAN_x2plus", "RealESRGAN_x4plus", "RealESRGAN_x4plus_anime"]
+UNCHOSEN = -2 if torch.cuda.is_available() else -1
+"""What ``/config/`` says before the user chose a device: -2 sends the UI to its GPU page,
+which is a dead end on a machine without a CUDA GPU, so such a machine says -1 (CPU)."""
 
 
 def _without_memory(config: dict[str, Any]) -> dict[str, Any]:
@@ -33,7 +36,7 @@ async def test_defaults_before_first_run_setup(client: httpx.AsyncClient) -> Non
     response = await client.get("/config/")
     assert response.status_code == 200
     config = response.json()
-    assert config["device_index"] == -2  # never configured: the UI runs first-run set-up
+    assert config["device_index"] == UNCHOSEN
     assert config["safety_check_enabled"] is True
     assert config["gpu_scale_factor"] == 0.5
     assert config["ram_scale_factor"] == 0.5
@@ -41,14 +44,14 @@ async def test_defaults_before_first_run_setup(client: httpx.AsyncClient) -> Non
     assert config["total_ram_memory"] > 0
 
 
-async def test_upscalers_list_four_traditional_and_three_ai_options(
+async def test_upscalers_list_the_four_traditional_ones_only(
     client: httpx.AsyncClient,
 ) -> None:
+    # The AI upscalers are not installed: listing them made the UI pick one by default.
     sections = (await client.get("/config/")).json()["upscalers"]
-    assert [section["method"] for section in sections] == ["traditional", "ai"]
-    traditional, ai = sections
+    assert [section["method"] for section in sections] == ["traditional"]
+    [traditional] = sections
     assert [option["value"] for option in traditional["options"]] == TRADITIONAL
-    assert [option["value"] for option in ai["options"]] == AI
     for section in sections:
         assert section["title"]
         for option in section["options"]:
@@ -81,7 +84,7 @@ async def test_gpu_index_this_machine_lacks_is_refused(client: httpx.AsyncClient
     detail = response.json()["detail"]
     assert isinstance(detail, str)
     assert "0" in detail
-    assert (await client.get("/config/")).json()["device_index"] == -2  # nothing stored
+    assert (await client.get("/config/")).json()["device_index"] == UNCHOSEN  # nothing stored
 
 
 @pytest.mark.parametrize("value", [-5, "cpu", 1.5])
@@ -182,8 +185,23 @@ async def test_a_broken_config_file_falls_back_to_defaults(
     response = await client.get("/config/")
     assert response.status_code == 200
     config = response.json()
-    assert config["device_index"] == -2
+    assert config["device_index"] == UNCHOSEN
     assert (config["gpu_scale_factor"], config["ram_scale_factor"]) == (0.5, 0.5)
     # The next change writes a valid file again.
     assert (await client.put("/config/device", json={"device_index": -1})).status_code == 200
     assert json.loads(settings.user_config_file.read_text(encoding="utf-8"))["device_index"] == -1
+
+
+def test_never_chosen_is_reported_as_cpu_only_without_a_gpu_to_choose() -> None:
+    assert reported_device_index(-2, gpu_count=0) == -1
+    assert reported_device_index(-2, gpu_count=1) == -2  # the UI's GPU page has one to offer
+    assert reported_device_index(-1, gpu_count=2) == -1
+    assert reported_device_index(1, gpu_count=2) == 1
+
+
+@cpu_only
+async def test_a_cpu_only_machine_is_not_sent_to_the_gpu_page(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    assert (await client.get("/config/")).json()["device_index"] == -1
+    assert not settings.user_config_file.exists()  # reported, not stored
