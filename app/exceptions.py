@@ -15,6 +15,10 @@ class AppError(Exception):
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.keeps_changes = False
+        """True when the request's changes so far are to be committed although the request
+        fails: the failure is itself recorded (a failed generation removes its empty history
+        entry). Only services set it; the request's transaction honours it."""
 
 
 class BadRequestError(AppError):

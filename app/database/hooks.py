@@ -14,6 +14,8 @@ from contextlib import asynccontextmanager
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.exceptions import AppError
+
 logger = logging.getLogger(__name__)
 
 Action = Callable[[], None]
@@ -52,13 +54,29 @@ async def transaction(
     session_factory: async_sessionmaker[AsyncSession],
 ) -> AsyncIterator[AsyncSession]:
     """One session, committed once when the block ends, rolled back if anything raised (a
-    cancellation too); then the registered file work for that outcome runs."""
+    cancellation too) except an ``AppError`` that ``keeps_changes``; then the registered file
+    work for that outcome runs."""
     async with session_factory() as session:
         try:
             yield session
+        except AppError as error:
+            if not error.keeps_changes:
+                await _roll_back(session)
+                raise
+            await session.commit()
+            run_after_commit(session)
+            raise
+        except BaseException:
+            await _roll_back(session)
+            raise
+        try:
             await session.commit()
         except BaseException:
-            await session.rollback()
-            run_after_rollback(session)
+            await _roll_back(session)
             raise
         run_after_commit(session)
+
+
+async def _roll_back(session: AsyncSession) -> None:
+    await session.rollback()
+    run_after_rollback(session)

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -114,6 +115,12 @@ class PipelineManager:
         self.model_hash = model_hash
         """Short hash of the denoiser weights for the PNG infotext (``model_hash``)."""
         self.lora_cache = lora_cache or HarvestCache(max_count=0, max_bytes=0)
+        self._scheduler_config: Mapping[str, Any] = MappingProxyType(
+            dict(pipeline.scheduler.config)
+        )
+        """The model's own scheduler config, as loaded. Every request's scheduler is built
+        from it: the pipeline's current scheduler is whatever the previous request used
+        (with its Karras sigmas and other options)."""
         # Shares every module with the text-to-image pipeline: no extra memory.
         self.img2img = AutoPipelineForImage2Image.from_pipe(pipeline)
         self.safety_check_enabled = True
@@ -159,7 +166,7 @@ class PipelineManager:
 
     @property
     def scheduler_config(self) -> Mapping[str, Any]:
-        return dict(self.pipeline.scheduler.config)
+        return self._scheduler_config
 
     @property
     def sample_size(self) -> int:

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.cores.model_manager.model_manager import ModelManager
 from app.cores.model_manager.pipeline_manager import GenerationOutput
 from app.database import crud, hooks
+from app.database.models import History
 from app.exceptions import AppError, BadRequestError, NotFoundError
 from app.features.config.upscalers import PIL_RESAMPLING
 from app.features.generators.infotext import InfotextLoRA, build_infotext, png_info
@@ -135,9 +136,9 @@ async def _run(models: ModelManager, events: EventEmitter, plan: GenerationPlan)
         raise GenerationError(
             "Out of memory while generating. Try fewer or smaller images."
         ) from error
-    except (RuntimeError, ValueError, KeyError) as error:
+    except Exception as error:  # diffusers raises many kinds; each is this request's failure
         logger.exception("Generation failed")
-        raise GenerationError(f"Generation failed: {error}") from error
+        raise GenerationError(f"Generation failed ({type(error).__name__}): {error}") from error
     finally:
         events.emit("generation_phase", {"phases": plan.phases, "current": PHASE_COMPLETED})
 
@@ -152,7 +153,25 @@ async def generate(
     history = await crud.get_history(session, request.history_id)
     if history is None:
         raise NotFoundError(f"History {request.history_id} not found")
-    config = request.config
+    try:
+        return await _generate_into(session, models, storage, events, history, request.config)
+    except AppError as error:
+        # The UI made this entry for this run; with no image it would look like a run whose
+        # images went missing. It goes, and the error says why the run failed.
+        if not history.generated_images:
+            await crud.delete_history(session, history)
+            error.keeps_changes = True
+        raise
+
+
+async def _generate_into(
+    session: AsyncSession,
+    models: ModelManager,
+    storage: Storage,
+    events: EventEmitter,
+    history: History,
+    config: GeneratorConfig,
+) -> GenerateResponse:
     _check_supported(config)
     selections = await loras_service.select_loras(session, config.loras)
     with _pinned(storage, selections) as loras:
