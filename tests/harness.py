@@ -4,16 +4,20 @@ a condition with a bound (never a fixed sleep: the machine running the tests may
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
 
 import httpx
 import socketio
+import uvicorn
 from fastapi import FastAPI
 
 from app.config import Settings
-from app.main import create_app
+from app.main import create_app, create_asgi_app
 
 WAIT_TIMEOUT = 60.0
 """How long a condition may take before the test fails: generous, since it only matters
@@ -70,3 +74,64 @@ def wait_until_sync(
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached within {timeout} s")
         time.sleep(0.005)
+
+
+class PausedWork:
+    """A worker thread held at the first emit of an event (see ``paused_at``)."""
+
+    def __init__(self) -> None:
+        self.reached = threading.Event()
+        self.released = threading.Event()
+
+    async def wait(self) -> None:
+        """Until the worker is held at the event."""
+        await wait_until(self.reached.is_set, what="the paused event")
+
+    def release(self) -> None:
+        self.released.set()
+
+
+@asynccontextmanager
+async def paused_at(app: FastAPI, event: str) -> AsyncIterator[PausedWork]:
+    """Hold the worker thread that first emits ``event`` (say a denoising step) until
+    ``release()`` or the end of the block: the work is then certainly in progress, at a known
+    point, however fast or slow the machine is. Events emitted on the event loop itself are
+    never held (that would stop the loop)."""
+    paused = PausedWork()
+    loop_thread = threading.get_ident()
+
+    def hold(name: str, _payload: dict[str, Any]) -> None:
+        if name != event or threading.get_ident() == loop_thread or paused.reached.is_set():
+            return
+        paused.reached.set()
+        paused.released.wait(WAIT_TIMEOUT)
+
+    remove = app.state.events.add_listener(hold)
+    try:
+        yield paused
+    finally:
+        paused.release()
+        remove()
+
+
+@contextmanager
+def live_server(settings: Settings) -> Iterator[str]:
+    """``create_asgi_app`` served by a real uvicorn in a background thread on a free loopback
+    port; yields its base URL. Stops the server (and checks that it stopped) on leaving."""
+    # A socket bound to port 0 gets a free port with no race between choosing and binding.
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(create_asgi_app(settings), log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    try:
+        wait_until_sync(lambda: server.started or not thread.is_alive(), what="uvicorn start")
+        assert server.started, "uvicorn did not start"
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=WAIT_TIMEOUT)
+        listener.close()
+    assert not thread.is_alive(), "uvicorn did not stop"

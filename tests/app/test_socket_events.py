@@ -6,10 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import shutil
-import socket
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,11 +14,10 @@ from typing import Any
 import httpx
 import pytest
 import socketio
-import uvicorn
 from PIL import Image
 
 from app.config import EMBEDDED_MODEL_ID, Settings
-from app.main import create_asgi_app
+from tests.harness import live_server, wait_until_sync
 
 LOAD_PHASES = [
     "initialization",
@@ -46,32 +42,14 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path) -> Iterator[Server]:
-    """``create_asgi_app`` served by uvicorn in a background thread, on a free port."""
+    """The real server, shared by this module's tests."""
     cache = tmp_path_factory.mktemp("socket") / "cache"
     shutil.copytree(embedded_model_dir, cache / "models" / "embedded--tiny-sd")
-    settings = Settings(cache_dir=cache)
-    # A socket bound to port 0 gets a free port with no race between choosing and binding.
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    config = uvicorn.Config(create_asgi_app(settings), log_level="warning", lifespan="on")
-    uvicorn_server = uvicorn.Server(config)
-    thread = threading.Thread(
-        target=uvicorn_server.run, kwargs={"sockets": [listener]}, daemon=True
-    )
-    thread.start()
-    try:
-        _wait_for(lambda: uvicorn_server.started or not thread.is_alive(), timeout=60)
-        assert uvicorn_server.started, "uvicorn did not start"
-        url = f"http://127.0.0.1:{port}"
-        with httpx.Client(base_url=url, timeout=60) as http:
-            yield Server(url=url, http=http)
-    finally:
-        uvicorn_server.should_exit = True
-        thread.join(timeout=30)
-        listener.close()
-    assert not thread.is_alive(), "uvicorn did not stop"
+    with (
+        live_server(Settings(cache_dir=cache)) as url,
+        httpx.Client(base_url=url, timeout=60) as http,
+    ):
+        yield Server(url=url, http=http)
 
 
 @pytest.fixture
@@ -92,14 +70,6 @@ def events(server: Server) -> Iterator[list[Event]]:
         client.disconnect()
 
 
-def _wait_for(condition: Callable[[], bool], timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("expected events did not arrive in time")
-        time.sleep(0.01)
-
-
 def _wait_for_event(received: list[Event], start: int, name: str, **fields: Any) -> list[Event]:
     """Wait until ``name`` with ``fields`` arrives after ``received[start]``; events so far."""
 
@@ -109,7 +79,7 @@ def _wait_for_event(received: list[Event], start: int, name: str, **fields: Any)
             for event, data in received[start:]
         )
 
-    _wait_for(arrived)
+    wait_until_sync(arrived, what=f"event {name}")
     return list(received[start:])
 
 

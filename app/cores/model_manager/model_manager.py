@@ -85,6 +85,11 @@ class ModelManager:
     def loading_model_id(self) -> str | None:
         return self._loading_model_id
 
+    @property
+    def unloading(self) -> bool:
+        """Whether an unload request is waiting for the pipeline lock or releasing the model."""
+        return self._unloads_in_flight > 0
+
     async def load(
         self,
         model_id: str,

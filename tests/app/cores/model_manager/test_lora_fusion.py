@@ -3,7 +3,6 @@ tiny pipeline: same images within float tolerance, exact restore, bounded cache.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,21 +14,13 @@ from diffusers import StableDiffusionPipeline
 
 from app.cores.model_manager.lora_fusion import HarvestCache
 from app.cores.model_manager.pipeline_manager import AdapterSpec, PipelineManager
+from tests.checksums import weights_checksum
 from tests.factories.lora_files import write_lora
 
 # Fused weights are summed in another order than unfused adapter outputs: images (0..1)
 # agree to float rounding, measured up to 2e-4 with five LoRAs at weights up to 2; one 8-bit
 # pixel level is 1/255 = 3.9e-3.
 FUSED_TOLERANCE = 1e-3
-
-
-def checksum(manager: PipelineManager) -> str:
-    digest = hashlib.sha256()
-    for component in (manager.pipeline.unet, manager.pipeline.text_encoder):
-        for name, tensor in sorted(component.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def render(manager: PipelineManager, adapters: list[AdapterSpec] | None = None) -> np.ndarray:
@@ -106,10 +97,10 @@ def test_weights_are_restored_bit_for_bit(
     tiny_pipeline: StableDiffusionPipeline, files: dict[str, Path]
 ) -> None:
     fast = manager(tiny_pipeline)
-    before, base = checksum(fast), render(fast)
+    before, base = weights_checksum(fast.pipeline), render(fast)
     for _ in range(3):
         render(fast, [spec(path, 1.3, i) for i, path in enumerate(files.values())])
-        assert checksum(fast) == before
+        assert weights_checksum(fast.pipeline) == before
     assert np.array_equal(render(fast), base)
 
 
@@ -117,18 +108,18 @@ def test_weights_are_restored_when_the_generation_raises(
     tiny_pipeline: StableDiffusionPipeline, files: dict[str, Path]
 ) -> None:
     fast = manager(tiny_pipeline)
-    before = checksum(fast)
+    before = weights_checksum(fast.pipeline)
     inside: list[str] = []
 
     def fail_while_fused() -> None:
         with fast.loras_applied([spec(files["peft_full"]), spec(files["locon"], index=2)]):
-            inside.append(checksum(fast))
+            inside.append(weights_checksum(fast.pipeline))
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
         fail_while_fused()
     assert inside[0] != before  # really fused while inside
-    assert checksum(fast) == before
+    assert weights_checksum(fast.pipeline) == before
 
 
 def test_weight_zero_everywhere_gives_the_base_image(
@@ -204,13 +195,13 @@ def test_cache_disabled_is_plan_006_load_and_unload(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     plan = manager(tiny_pipeline, max_count=0)
-    before = checksum(plan)
+    before = weights_checksum(plan.pipeline)
     with caplog.at_level(logging.INFO, logger="app.cores.model_manager.pipeline_manager"):
         render(plan, [spec(files["kohya_unet"], 0.5)])
     assert "'kohya_unet' as lora_1 (weight 0.5)" in caplog.text
     assert "Unloaded all LoRAs" in caplog.text
     assert plan.lora_cache.keys() == []
-    assert checksum(plan) == before
+    assert weights_checksum(plan.pipeline) == before
 
 
 def test_dora_falls_back_to_unfused_adapters(
@@ -218,7 +209,7 @@ def test_dora_falls_back_to_unfused_adapters(
 ) -> None:
     dora = write_lora(tmp_path / "dora.safetensors", tiny_pipeline, fmt="peft", dora=True, seed=9)
     fast, plan = manager(tiny_pipeline), manager(tiny_pipeline, max_count=0)
-    before = checksum(fast)
+    before = weights_checksum(fast.pipeline)
     assert np.array_equal(render(fast, [spec(dora)]), render(plan, [spec(dora)]))
     assert fast.lora_cache.keys() == []
-    assert checksum(fast) == before
+    assert weights_checksum(fast.pipeline) == before

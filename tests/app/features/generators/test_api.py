@@ -6,68 +6,35 @@ Generations are kept tiny (64x64, 2-3 steps) except where a test needs one that 
 from __future__ import annotations
 
 import asyncio
-import io
 import re
-import threading
-from collections.abc import Callable
 from typing import Any
 
 import httpx
 import numpy as np
 import numpy.typing as npt
+import pytest
 from fastapi import FastAPI
 from PIL import Image
 
 from app.config import EMBEDDED_MODEL_ID, Settings
 from app.cores.model_manager.model_manager import ModelManager
+from app.cores.model_manager.pipeline_manager import PipelineManager
+from tests.api import create_history, fetch_png, post_generate
 from tests.contract import SAMPLER_VALUES
+from tests.harness import paused_at, wait_until
 
 FAST: dict[str, Any] = {"prompt": "a red fox", "width": 64, "height": 64, "steps": 2}
 
 
-async def _history(client: httpx.AsyncClient, config: dict[str, Any]) -> int:
-    response = await client.post("/histories", json=config)
-    assert response.status_code == 200, response.text
-    history_id: int = response.json()
-    return history_id
-
-
-async def _post_generate(
-    client: httpx.AsyncClient, config: dict[str, Any], history_id: int | None = None
-) -> httpx.Response:
-    if history_id is None:
-        history_id = await _history(client, config)
-    return await client.post("/generators", json={"history_id": history_id, "config": config})
-
-
 async def _generate(client: httpx.AsyncClient, config: dict[str, Any]) -> dict[str, Any]:
-    response = await _post_generate(client, config)
+    response = await post_generate(client, config)
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
 
 
-async def _fetch(client: httpx.AsyncClient, path: str) -> Image.Image:
-    response = await client.get(f"/{path}")
-    assert response.status_code == 200, path
-    assert response.headers["content-type"] == "image/png"
-    image = Image.open(io.BytesIO(response.content))
-    image.load()
-    assert image.format == "PNG"
-    return image
-
-
 def _pixels(image: Image.Image) -> npt.NDArray[np.uint8]:
     return np.asarray(image.convert("RGB"))
-
-
-async def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.001)
 
 
 def _generated_files(settings: Settings) -> list[str]:
@@ -82,12 +49,12 @@ async def test_samplers_are_listed(client: httpx.AsyncClient) -> None:
     assert all(s["name"] and s["description"] for s in samplers)
 
 
-async def test_images_are_saved_served_and_linked_to_the_history(
+async def test_images_are_saved_served_and_linked_to_thecreate_history(
     loaded_client: httpx.AsyncClient, settings: Settings
 ) -> None:
     config = {**FAST, "seed": 1234, "negative_prompt": "blurry"}
-    history_id = await _history(loaded_client, config)
-    response = await _post_generate(loaded_client, config, history_id)
+    history_id = await create_history(loaded_client, config)
+    response = await post_generate(loaded_client, config, history_id)
     assert response.status_code == 200, response.text
     body = response.json()
     [item] = body["items"]
@@ -99,7 +66,7 @@ async def test_images_are_saved_served_and_linked_to_the_history(
     assert path == f"static/generated_images/{file_name}.png"
     assert _generated_files(settings) == [f"{file_name}.png"]
 
-    image = await _fetch(loaded_client, path)
+    image = await fetch_png(loaded_client, path)
     assert image.size == (64, 64)
     assert image.mode == "RGB"
     parameters = image.info["parameters"]
@@ -126,7 +93,7 @@ async def test_same_seed_gives_the_same_pixels(loaded_client: httpx.AsyncClient)
     images = []
     for seed in (99, 99, 100):
         [item] = (await _generate(loaded_client, {**FAST, "seed": seed}))["items"]
-        images.append(_pixels(await _fetch(loaded_client, item["path"])))
+        images.append(_pixels(await fetch_png(loaded_client, item["path"])))
     first, again, other = images
     assert np.array_equal(first, again)
     assert not np.array_equal(first, other)
@@ -141,11 +108,13 @@ async def test_random_seed_is_recorded_and_reproduces_the_image(
     [history] = (await loaded_client.get("/histories")).json()
     assert history["config"]["seed"] == -1  # the request is stored as sent
     assert [i["seed"] for i in history["generated_images"]] == [seed]
-    random_image = await _fetch(loaded_client, body["items"][0]["path"])
+    random_image = await fetch_png(loaded_client, body["items"][0]["path"])
     assert f"Seed: {seed}," in random_image.info["parameters"]
 
     [item] = (await _generate(loaded_client, {**FAST, "seed": seed}))["items"]
-    assert np.array_equal(_pixels(random_image), _pixels(await _fetch(loaded_client, item["path"])))
+    assert np.array_equal(
+        _pixels(random_image), _pixels(await fetch_png(loaded_client, item["path"]))
+    )
 
 
 async def test_batch_gives_distinct_images_with_consecutive_seeds(
@@ -157,7 +126,7 @@ async def test_batch_gives_distinct_images_with_consecutive_seeds(
     paths = [item["path"] for item in body["items"]]
     assert len(set(paths)) == 3
     assert len(_generated_files(settings)) == 3
-    pixels = [_pixels(await _fetch(loaded_client, path)) for path in paths]
+    pixels = [_pixels(await fetch_png(loaded_client, path)) for path in paths]
     for a in range(3):
         for b in range(a + 1, 3):
             assert not np.array_equal(pixels[a], pixels[b])
@@ -171,7 +140,7 @@ async def test_size_is_rounded_down_to_a_multiple_of_eight(
     loaded_client: httpx.AsyncClient,
 ) -> None:
     body = await _generate(loaded_client, {**FAST, "width": 70, "height": 79})
-    image = await _fetch(loaded_client, body["items"][0]["path"])
+    image = await fetch_png(loaded_client, body["items"][0]["path"])
     assert image.size == (64, 72)
     [history] = (await loaded_client.get("/histories")).json()
     assert (history["config"]["width"], history["config"]["height"]) == (70, 79)
@@ -180,7 +149,7 @@ async def test_size_is_rounded_down_to_a_multiple_of_eight(
 async def test_hires_fix_doubles_the_size(loaded_client: httpx.AsyncClient) -> None:
     hires = {"upscale_factor": 2, "upscaler": "Lanczos", "denoising_strength": 0.5, "steps": 2}
     body = await _generate(loaded_client, {**FAST, "seed": 5, "hires_fix": hires})
-    image = await _fetch(loaded_client, body["items"][0]["path"])
+    image = await fetch_png(loaded_client, body["items"][0]["path"])
     assert image.size == (128, 128)
     parameters = image.info["parameters"]
     assert "Size: 128x128" in parameters
@@ -195,8 +164,8 @@ async def test_hires_fix_without_denoising_only_resizes(
     hires = {"upscale_factor": 2, "upscaler": "Lanczos", "denoising_strength": 0, "steps": 0}
     base_body = await _generate(loaded_client, config)
     hires_body = await _generate(loaded_client, {**config, "hires_fix": hires})
-    base = await _fetch(loaded_client, base_body["items"][0]["path"])
-    upscaled = await _fetch(loaded_client, hires_body["items"][0]["path"])
+    base = await fetch_png(loaded_client, base_body["items"][0]["path"])
+    upscaled = await fetch_png(loaded_client, hires_body["items"][0]["path"])
     assert upscaled.size == (128, 128)
     expected = base.resize((128, 128), Image.Resampling.LANCZOS)
     assert np.array_equal(_pixels(upscaled), _pixels(expected))
@@ -209,16 +178,41 @@ async def test_ai_upscaler_is_refused(loaded_client: httpx.AsyncClient, settings
         "denoising_strength": 0.3,
         "steps": 0,
     }
-    response = await _post_generate(loaded_client, {**FAST, "hires_fix": hires})
+    response = await post_generate(loaded_client, {**FAST, "hires_fix": hires})
     assert response.status_code == 400
     assert "not installed" in response.json()["detail"]
     assert _generated_files(settings) == []
+    # The history entry the UI made for this run is gone: an entry without images would
+    # look like a run whose images went missing.
+    assert (await loaded_client.get("/histories")).json() == []
+
+
+async def test_any_failure_inside_the_pipeline_is_a_400_with_its_reason(
+    loaded_client: httpx.AsyncClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fault injection: a pipeline that does not take an argument raises TypeError (FLUX's
+    # pipeline and clip_skip); nothing in the embedded model's own path raises one.
+    def refuse(*_args: Any, **_kwargs: Any) -> Any:
+        raise TypeError("__call__() got an unexpected keyword argument 'clip_skip'")
+
+    kept = await create_history(loaded_client, FAST)
+    assert (await post_generate(loaded_client, FAST, kept)).status_code == 200
+    monkeypatch.setattr(PipelineManager, "text_to_image", refuse)
+    response = await post_generate(loaded_client, FAST)
+    assert response.status_code == 400
+    detail = response.json()["detail"]
+    assert detail.startswith("Generation failed (TypeError)")
+    assert "clip_skip" in detail
     [history] = (await loaded_client.get("/histories")).json()
-    assert history["generated_images"] == []
+    assert history["id"] == kept  # only the entry whose run made an image
+    # A history entry that already has images keeps them when a later run fails.
+    assert (await post_generate(loaded_client, FAST, kept)).status_code == 400
+    [history] = (await loaded_client.get("/histories")).json()
+    assert len(history["generated_images"]) == 1
 
 
 async def test_unknown_history_is_not_found(loaded_client: httpx.AsyncClient) -> None:
-    response = await _post_generate(loaded_client, FAST, history_id=4242)
+    response = await post_generate(loaded_client, FAST, history_id=4242)
     assert response.status_code == 404
     assert "4242" in response.json()["detail"]
 
@@ -226,16 +220,16 @@ async def test_unknown_history_is_not_found(loaded_client: httpx.AsyncClient) ->
 async def test_generation_needs_a_loaded_model(
     loaded_client: httpx.AsyncClient, settings: Settings
 ) -> None:
-    history_id = await _history(loaded_client, FAST)
+    history_id = await create_history(loaded_client, FAST)
     assert (await loaded_client.post("/models/unload")).status_code == 200
-    response = await _post_generate(loaded_client, FAST, history_id)
+    response = await post_generate(loaded_client, FAST, history_id)
     assert response.status_code == 400
     assert "No model is currently loaded" in response.json()["detail"]
     assert _generated_files(settings) == []
 
 
 async def test_invalid_request_is_a_validation_error(loaded_client: httpx.AsyncClient) -> None:
-    history_id = await _history(loaded_client, FAST)
+    history_id = await create_history(loaded_client, FAST)
     for body in (
         {"config": FAST},
         {"history_id": history_id},
@@ -244,22 +238,17 @@ async def test_invalid_request_is_a_validation_error(loaded_client: httpx.AsyncC
         assert (await loaded_client.post("/generators", json=body)).status_code == 422, body
 
 
-def _held_by_someone(app: FastAPI) -> Callable[[], bool]:
-    lock: threading.Lock = app.state.model_manager._lock
-    return lock.locked
-
-
 async def test_health_answers_while_a_generation_runs(
     loaded_client: httpx.AsyncClient, app: FastAPI
 ) -> None:
-    config = {"prompt": "slow", "width": 128, "height": 128, "steps": 10, "seed": 3}
-    history_id = await _history(loaded_client, config)
-    generation = asyncio.ensure_future(_post_generate(loaded_client, config, history_id))
-    # The generation's worker holds the pipeline lock while it denoises.
-    await _wait_until(_held_by_someone(app))
-    health = await loaded_client.get("/")
-    assert health.status_code == 200
-    assert not generation.done()  # the event loop served / while the pipeline worked
+    config = {**FAST, "steps": 3, "seed": 3}
+    history_id = await create_history(loaded_client, config)
+    async with paused_at(app, "image_generation_step_end") as paused:
+        generation = asyncio.ensure_future(post_generate(loaded_client, config, history_id))
+        await paused.wait()  # the worker is in the middle of denoising, holding the pipeline
+        health = await loaded_client.get("/")
+        assert health.status_code == 200
+        assert not generation.done()  # the event loop served / while the pipeline worked
     assert (await generation).status_code == 200
 
 
@@ -267,17 +256,20 @@ async def test_unload_waits_for_a_running_generation(
     loaded_client: httpx.AsyncClient, app: FastAPI
 ) -> None:
     manager: ModelManager = app.state.model_manager
-    config = {"prompt": "slow", "width": 96, "height": 96, "steps": 6, "seed": 4}
-    history_id = await _history(loaded_client, config)
-    generation = asyncio.ensure_future(_post_generate(loaded_client, config, history_id))
-    await _wait_until(_held_by_someone(app))
-    unload = await loaded_client.post("/models/unload")
-    assert unload.status_code == 200
+    config = {**FAST, "width": 96, "height": 96, "steps": 3, "seed": 4}
+    history_id = await create_history(loaded_client, config)
+    async with paused_at(app, "image_generation_step_end") as paused:
+        generation = asyncio.ensure_future(post_generate(loaded_client, config, history_id))
+        await paused.wait()
+        unload = asyncio.ensure_future(loaded_client.post("/models/unload"))
+        await wait_until(lambda: manager.unloading, what="the unload waiting for the lock")
+        assert manager.loaded_model_id is not None
     # The unload's worker could only take the lock once the generation had finished with
     # the pipeline, so the generation was not cut short: it answers 200 with its image.
     response = await generation
+    assert (await unload).status_code == 200
     assert response.status_code == 200, response.text
     [item] = response.json()["items"]
-    assert (await _fetch(loaded_client, item["path"])).size == (96, 96)
+    assert (await fetch_png(loaded_client, item["path"])).size == (96, 96)
     assert manager.loaded_model_id is None
     assert (await loaded_client.post("/histories", json=FAST)).status_code == 400

@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 
 from app.cores.model_manager.lora_fusion import HarvestCache
 from app.cores.model_manager.pipeline_manager import AdapterSpec, PipelineManager
-from tests.app.features.generators.test_generate_with_loras import generate, pixels, upload
+from tests.api import generate, pixels
+from tests.api import upload_lora as upload
 from tests.factories.lora_files import write_lora
 
 

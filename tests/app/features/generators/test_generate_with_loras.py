@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,31 +12,13 @@ import numpy as np
 import pytest
 from diffusers import StableDiffusionPipeline
 from fastapi import FastAPI
-from PIL import Image
 
 from app.cores.model_manager.pipeline_manager import PipelineManager
 from app.features.generators import runner
+from tests.api import BASE_CONFIG, generate, image, pixels, upload_lora
+from tests.checksums import weights_checksum
 from tests.factories.lora_files import write_lora, write_wrong_shapes
-
-BASE_CONFIG: dict[str, Any] = {
-    "prompt": "a lighthouse at dusk",
-    "negative_prompt": "",
-    "width": 64,
-    "height": 64,
-    "steps": 4,
-    "seed": 1234,
-    "sampler": "EULER",
-}
-
-
-def weights_checksum(manager: PipelineManager) -> str:
-    """sha256 over every UNet and text-encoder tensor, by name, in a fixed order."""
-    digest = hashlib.sha256()
-    for component in (manager.pipeline.unet, manager.pipeline.text_encoder):
-        for name, tensor in sorted(component.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+from tests.harness import paused_at
 
 
 def adapter_count(manager: PipelineManager) -> int:
@@ -47,29 +27,9 @@ def adapter_count(manager: PipelineManager) -> int:
 
 
 async def pipeline_state(app: FastAPI) -> tuple[str, int]:
-    return await app.state.model_manager.run(lambda m: (weights_checksum(m), adapter_count(m)))
-
-
-async def generate(
-    client: httpx.AsyncClient, loras: list[dict[str, Any]] | None = None, **overrides: Any
-) -> httpx.Response:
-    config = {**BASE_CONFIG, **overrides, "loras": loras or []}
-    history = await client.post("/histories", json=config)
-    assert history.status_code == 200, history.text
-    return await client.post("/generators", json={"history_id": history.json(), "config": config})
-
-
-async def pixels(client: httpx.AsyncClient, response: httpx.Response) -> list[np.ndarray]:
-    assert response.status_code == 200, response.text
-    images = []
-    for item in response.json()["items"]:
-        png = await client.get(f"/{item['path']}")
-        images.append(np.asarray(Image.open(io.BytesIO(png.content)).convert("RGB")))
-    return images
-
-
-async def image(client: httpx.AsyncClient, loras: list[dict[str, Any]] | None = None) -> np.ndarray:
-    return (await pixels(client, await generate(client, loras)))[0]
+    return await app.state.model_manager.run(
+        lambda m: (weights_checksum(m.pipeline), adapter_count(m))
+    )
 
 
 @pytest.fixture
@@ -92,16 +52,9 @@ def lora_sources(tmp_path: Path, tiny_pipeline: StableDiffusionPipeline) -> dict
     }
 
 
-async def upload(client: httpx.AsyncClient, path: Path) -> int:
-    response = await client.post("/loras/upload", json={"file_path": str(path)})
-    assert response.status_code == 201, response.text
-    lora_id: int = response.json()["id"]
-    return lora_id
-
-
 @pytest.fixture
 async def lora_ids(loaded_client: httpx.AsyncClient, lora_sources: dict[str, Path]) -> list[int]:
-    return [await upload(loaded_client, path) for path in lora_sources.values()]
+    return [await upload_lora(loaded_client, path) for path in lora_sources.values()]
 
 
 async def test_weight_zero_gives_the_base_image_and_weights_change_it(
@@ -208,7 +161,7 @@ async def test_incompatible_lora_is_refused_and_nothing_is_left_in_the_pipeline(
     tiny_pipeline: StableDiffusionPipeline,
     tmp_path: Path,
 ) -> None:
-    wrong = await upload(
+    wrong = await upload_lora(
         loaded_client, write_wrong_shapes(tmp_path / "sd15.safetensors", tiny_pipeline)
     )
     before = await pipeline_state(app)
@@ -274,21 +227,14 @@ async def test_deleting_a_lora_during_its_generation_breaks_nothing(
 ) -> None:
     lora_id = lora_ids[0]
     stored = Path((await loaded_client.get(f"/loras/{lora_id}")).json()["file_path"])
-    generation = asyncio.create_task(
-        generate(
-            loaded_client, [{"lora_id": lora_id, "weight": 1.0}], steps=40, width=128, height=128
+    async with paused_at(app, "image_generation_step_end") as paused:
+        generation = asyncio.create_task(
+            generate(loaded_client, [{"lora_id": lora_id, "weight": 1.0}], steps=3)
         )
-    )
-    # The worker thread holds the pipeline lock for the whole generation.
-    lock = app.state.model_manager._lock
-    for _ in range(3000):
-        if lock.locked():
-            break
-        await asyncio.sleep(0.01)
-    assert lock.locked()
-    deleted = await loaded_client.delete(f"/loras/{lora_id}")
-    assert deleted.status_code == 200
-    assert not generation.done()
+        await paused.wait()  # mid-denoising, with the LoRA applied
+        deleted = await loaded_client.delete(f"/loras/{lora_id}")
+        assert deleted.status_code == 200
+        assert not generation.done()
     response = await generation
     assert response.status_code == 200, response.text
     assert len(response.json()["items"]) == 1
@@ -303,23 +249,19 @@ async def test_a_cancelled_generation_still_restores_the_base_model(
     app: FastAPI, loaded_client: httpx.AsyncClient, lora_ids: list[int], settings: Any
 ) -> None:
     before = await pipeline_state(app)
-    generation = asyncio.create_task(
-        generate(
-            loaded_client,
-            [{"lora_id": lora_id, "weight": 1.0} for lora_id in lora_ids[:3]],
-            steps=40,
-            width=128,
-            height=128,
+    async with paused_at(app, "image_generation_step_end") as paused:
+        generation = asyncio.create_task(
+            generate(
+                loaded_client,
+                [{"lora_id": lora_id, "weight": 1.0} for lora_id in lora_ids[:3]],
+                steps=3,
+            )
         )
-    )
-    lock = app.state.model_manager._lock
-    for _ in range(3000):
-        if lock.locked():
-            break
-        await asyncio.sleep(0.01)
-    generation.cancel()  # the client went away in the middle of the generation
-    with pytest.raises(asyncio.CancelledError):
-        await generation
+        await paused.wait()  # mid-denoising, with three LoRAs fused
+        generation.cancel()  # the client went away in the middle of the generation
+        paused.release()
+        with pytest.raises(asyncio.CancelledError):
+            await generation
     # pipeline_state waits for the lock: the worker finished and cleaned up first.
     assert await pipeline_state(app) == before
     assert [p.name for p in settings.loras_dir.iterdir() if p.name.startswith(".")] == []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from app.features.loras.lora_inspector import (
     inspect_lora_header,
 )
 from app.features.loras.safetensors_file import read_header
+from tests.checksums import weights_checksum as checksum
 
 
 def generate(pipeline: Any) -> np.ndarray:
@@ -31,15 +31,6 @@ def generate(pipeline: Any) -> np.ndarray:
     )
     image: np.ndarray = result.images[0]
     return image
-
-
-def checksum(pipeline: Any) -> str:
-    digest = hashlib.sha256()
-    for component in (pipeline.unet, pipeline.text_encoder):
-        for name, tensor in sorted(component.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def has_adapters(pipeline: Any) -> bool:

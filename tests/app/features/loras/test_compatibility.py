@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from app.config import EMBEDDED_MODEL_ID, Settings
 from app.cores.model_manager.model_family import ModelFamily
+from tests.checksums import weights_checksum
 from tests.factories.family_loras import write_family_lora
 from tests.factories.lora_files import write_lora, write_wrong_shapes
 
@@ -54,14 +55,8 @@ async def first_image(client: httpx.AsyncClient, response: httpx.Response) -> np
     return np.asarray(Image.open(io.BytesIO(png.content)).convert("RGB"))
 
 
-def checksum(app: FastAPI) -> str:
-    pipeline = app.state.model_manager._pipeline.pipeline
-    digest = hashlib.sha256()
-    for component in (pipeline.unet, pipeline.text_encoder):
-        for name, tensor in sorted(component.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+async def checksum(app: FastAPI) -> str:
+    return str(await app.state.model_manager.run(lambda loaded: weights_checksum(loaded.pipeline)))
 
 
 async def listed(client: httpx.AsyncClient, query: str = "") -> dict[str, dict[str, Any]]:
@@ -128,7 +123,7 @@ async def test_another_familys_lora_is_refused_before_the_pipeline_is_touched(
     good = await upload(loaded_client, family_files["tiny"])
     sdxl = await upload(loaded_client, family_files["sdxl_kohya"])
     flux = await upload(loaded_client, family_files["flux_peft"])
-    before = checksum(app)
+    before = await checksum(app)
 
     for foreign in (sdxl, flux):
         # Emptied on disk: reading it for a size check would fail with another message.
@@ -141,7 +136,7 @@ async def test_another_familys_lora_is_refused_before_the_pipeline_is_touched(
             f"LoRA '{other['name']}' was made for {family}; "
             "the loaded model is the tiny embedded test model."
         )
-    assert checksum(app) == before
+    assert await checksum(app) == before
 
 
 async def test_a_lora_of_unknown_family_is_still_size_checked(

@@ -3,48 +3,25 @@ the websocket transport, the file coming slowly from the fake remote."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 import socketio
-import uvicorn
 
 from app.config import Settings
-from app.main import create_asgi_app
 from tests.app.features.loras.downloads.fake_remote import FakeRemote
+from tests.harness import live_server, wait_until_sync
 
 TIMEOUT = 20.0
 Event = tuple[str, dict[str, Any]]
 
 
-def _wait(condition: Callable[[], bool], timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 @pytest.fixture
 def server_url(settings: Settings) -> Iterator[str]:
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(create_asgi_app(settings), log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    try:
-        _wait(lambda: server.started or not thread.is_alive(), timeout=60)
-        assert server.started, "uvicorn did not start"
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        listener.close()
+    with live_server(settings) as url:
+        yield url
 
 
 def test_progress_events_in_order(
@@ -61,7 +38,7 @@ def test_progress_events_in_order(
             response = http.post("/loras/download", json={"url": url})
             assert response.status_code == 202, response.text
             download_id = response.json()["id"]
-            _wait(lambda: any(name == "lora_download_completed" for name, _ in received))
+            wait_until_sync(lambda: any(name == "lora_download_completed" for name, _ in received))
             lora = http.get(f"/loras/{received[-1][1]['lora']['id']}").json()
     finally:
         client.disconnect()
