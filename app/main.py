@@ -37,6 +37,9 @@ from app.services.storage import GENERATED_IMAGES_URL_PREFIX, Storage
 
 logger = logging.getLogger(__name__)
 
+SOCKET_MAX_MESSAGE_BYTES = 64 * 1024
+"""The largest Socket.IO message a client may send (the UI sends none; events go out)."""
+
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -81,7 +84,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         redirect_slashes=False,
     )
-    sio = socketio.AsyncServer(async_mode="asgi", cors_allowed_origins="*")
+    # The UI speaks the websocket transport only (CONTRACT §5). Long-polling is not served:
+    # an oversized polling POST was never answered and held its connection (and a shutdown)
+    # forever. Clients send nothing large, so messages are bounded too.
+    sio = socketio.AsyncServer(
+        async_mode="asgi",
+        cors_allowed_origins="*",
+        transports=["websocket"],
+        max_http_buffer_size=SOCKET_MAX_MESSAGE_BYTES,
+    )
     storage = Storage(settings)
     storage.ensure_dirs()
     app.state.settings = settings

@@ -17,6 +17,7 @@ import socketio
 from PIL import Image
 
 from app.config import EMBEDDED_MODEL_ID, Settings
+from app.main import SOCKET_MAX_MESSAGE_BYTES
 from tests.harness import live_server, wait_until_sync
 
 LOAD_PHASES = [
@@ -191,3 +192,38 @@ def test_generation_events_with_hires_fix(server: Server, events: list[Event]) -
         "completed",
     ]
     assert all(data["phases"] == phases for name, data in run if name == "generation_phase")
+
+
+def test_long_polling_is_not_served(server: Server) -> None:
+    # The UI uses the websocket transport only; a polling handshake or an oversized polling
+    # POST is answered at once, and its connection is released (a new request gets through).
+    handshake = server.http.get("/socket.io/", params={"EIO": "4", "transport": "polling"})
+    assert handshake.status_code == 400
+    big = server.http.post(
+        "/socket.io/",
+        params={"EIO": "4", "transport": "polling", "sid": "x"},
+        content=b"4" + b"x" * 2_000_000,
+    )
+    assert big.status_code == 400
+    assert server.http.get("/").status_code == 200
+
+
+def test_an_oversized_websocket_message_closes_only_that_connection(server: Server) -> None:
+    client = socketio.Client(reconnection=False)
+    client.connect(server.url, transports=["websocket"], wait_timeout=TIMEOUT)
+    try:
+        client.emit("anything", "x" * (SOCKET_MAX_MESSAGE_BYTES + 1))
+        wait_until_sync(lambda: not client.connected, what="the oversized client dropped")
+    finally:
+        client.disconnect()
+    assert server.http.get("/").status_code == 200
+
+
+def test_shutdown_completes_with_clients_connected(settings: Settings) -> None:
+    clients = [socketio.Client(reconnection=False) for _ in range(3)]
+    with live_server(settings) as url:  # on leaving: stopped, or the test fails
+        for client in clients:
+            client.connect(url, transports=["websocket"], wait_timeout=TIMEOUT)
+        assert all(client.connected for client in clients)
+    for client in clients:
+        client.disconnect()
