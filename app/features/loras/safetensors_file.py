@@ -131,9 +131,7 @@ def read_header(
         if len(head) < _LENGTH_BYTES:
             if file_size == 0:
                 raise SafetensorsError(f"'{name}' is empty.")
-            raise SafetensorsError(
-                f"'{name}' is only {file_size} bytes long: too short to be a safetensors file."
-            )
+            raise SafetensorsError(f"'{name}' is too short to be a safetensors file.")
         header_length = int.from_bytes(head, "little")
         _check_declared_length(name, head, header_length, file_size, max_header_bytes)
         raw = _read_exactly(fd, header_length, name)
@@ -179,15 +177,17 @@ def _check_declared_length(
         )
     if header_length == 0:
         raise SafetensorsError(f"'{name}' is not a valid safetensors file: its header is empty.")
+    # The messages below give no number read from the file: any file can be offered under a
+    # .safetensors name (a symlink), and its first bytes read as a number would show them.
     if header_length > file_size - _LENGTH_BYTES:
         raise SafetensorsError(
-            f"'{name}' is not a valid safetensors file, or is truncated: it declares a header of "
-            f"{header_length:,} bytes but the whole file is {file_size:,} bytes."
+            f"'{name}' is not a valid safetensors file, or is truncated: the header it "
+            "declares is larger than the file."
         )
     if header_length > max_header_bytes:
         raise SafetensorsError(
-            f"'{name}' declares a header of {header_length:,} bytes, more than the "
-            f"{max_header_bytes:,} allowed: not a usable safetensors file."
+            f"'{name}' is not a usable safetensors file: the header it declares is larger "
+            f"than the {max_header_bytes:,} bytes allowed."
         )
 
 

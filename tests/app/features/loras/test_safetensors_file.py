@@ -6,7 +6,6 @@ import json
 import os
 import struct
 import threading
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -103,7 +102,7 @@ def test_header_padding_spaces_are_accepted(tmp_path: Path) -> None:
 
 
 def test_reads_only_the_header_of_a_huge_file(tmp_path: Path) -> None:
-    """A 4 GiB (sparse) file: parsing touches the header only, fast and with little memory."""
+    """A 4 GiB (sparse) file: parsing touches the header only, with little memory."""
     size = 1 << 30
     header = json.dumps({"big": _entry("F32", [size], 0, 4 * size)}).encode()
     path = tmp_path / "huge.safetensors"
@@ -111,14 +110,12 @@ def test_reads_only_the_header_of_a_huge_file(tmp_path: Path) -> None:
         handle.write(struct.pack("<Q", len(header)) + header)
         handle.truncate(8 + len(header) + 4 * size)
     tracemalloc.start()
-    started = time.perf_counter()
     try:
         parsed = read_header(path)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert time.perf_counter() - started < 1.0
-    assert peak < 256 * 1024
+    assert peak < 256 * 1024  # the 4 GiB of tensor data were never read
     assert parsed.tensors["big"].nbytes == 4 * size
 
 
@@ -134,24 +131,23 @@ def test_empty_file(tmp_path: Path) -> None:
 def test_file_shorter_than_the_length_prefix(tmp_path: Path) -> None:
     path = tmp_path / "short.safetensors"
     path.write_bytes(b"\x05\x00\x00")
-    with pytest.raises(SafetensorsError, match="only 3 bytes long"):
+    with pytest.raises(SafetensorsError, match="too short to be a safetensors file"):
         read_header(path)
 
 
 def test_header_bomb_is_refused_quickly_without_allocating(tmp_path: Path) -> None:
     path = write_header_bomb(tmp_path / "bomb.safetensors")
     tracemalloc.start()
-    started = time.perf_counter()
     try:
-        with pytest.raises(SafetensorsError, match="declares a header of") as caught:
+        with pytest.raises(SafetensorsError, match="the header it declares is larger") as caught:
             read_header(path)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert time.perf_counter() - started < 0.5
-    assert peak < 64 * 1024
-    assert "4,611,686,018,427,387,904 bytes" in str(caught.value)
-    assert "16 bytes" in str(caught.value)
+    assert peak < 64 * 1024  # the declared size was never allocated
+    # No number read from the file (its first 8 bytes) and not its size either.
+    assert "4,611,686,018,427,387,904" not in str(caught.value)
+    assert "16 bytes" not in str(caught.value)
 
 
 def test_header_over_the_limit_is_refused_before_reading_it(tmp_path: Path) -> None:
@@ -160,7 +156,7 @@ def test_header_over_the_limit_is_refused_before_reading_it(tmp_path: Path) -> N
     path = write_raw_header(tmp_path / "large-header.safetensors", header, b"\0" * 8)
     tracemalloc.start()
     try:
-        with pytest.raises(SafetensorsError, match="more than the 1,048,576 allowed"):
+        with pytest.raises(SafetensorsError, match="larger than the 1,048,576 bytes allowed"):
             read_header(path, max_header_bytes=1024 * 1024)
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -189,7 +185,7 @@ def test_pickle_renamed_to_safetensors(tmp_path: Path, zip_format: bool) -> None
 def test_random_bytes(tmp_path: Path) -> None:
     path = tmp_path / "noise.safetensors"
     path.write_bytes(bytes(range(7, 250)) * 10)
-    with pytest.raises(SafetensorsError, match="declares a header of"):
+    with pytest.raises(SafetensorsError, match="the header it declares is larger"):
         read_header(path)
 
 
