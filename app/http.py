@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
 
-from fastapi import Request
+from fastapi import Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.exceptions import AppError
@@ -72,3 +76,50 @@ class UnexpectedErrorMiddleware:
                 raise
             response = JSONResponse(status_code=500, content={"detail": "Internal server error"})
             await response(scope, receive, send)
+
+
+class StrictJSONRequest(Request):
+    """A request whose JSON body is strict JSON: no ``NaN``/``Infinity`` (Python's parser
+    accepts them, and the 422 that names them could not be serialised), no lone surrogates
+    (not Unicode text: SQLite cannot store them), no nesting deep enough to exhaust the
+    stack. Each is refused as FastAPI's ordinary 422 ``json_invalid``."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            self._json = parse_strict_json(body)
+        return self._json
+
+
+def parse_strict_json(body: bytes) -> Any:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise json.JSONDecodeError("the body is not UTF-8 text", "", error.start) from None
+
+    def refuse_constant(name: str) -> Any:
+        raise json.JSONDecodeError(f"{name} is not a JSON number", text, 0)
+
+    try:
+        value = json.loads(text, parse_constant=refuse_constant)
+    except RecursionError:
+        raise json.JSONDecodeError("the JSON is nested too deeply", text, 0) from None
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise json.JSONDecodeError(
+            "a string holds a lone surrogate (\\ud800-\\udfff): not Unicode text", text, 0
+        ) from None
+    return value
+
+
+class StrictJSONRoute(APIRoute):
+    """Every route of the app: bodies parsed by :class:`StrictJSONRequest`."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict_handler(request: Request) -> Response:
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict_handler

@@ -88,7 +88,7 @@ class Storage:
     def read_json(self, path: Path) -> dict[str, Any]:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError):
+        except (FileNotFoundError, ValueError, RecursionError):  # absent, broken, absurd
             return {}
         return data if isinstance(data, dict) else {}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import text
 
@@ -97,3 +98,49 @@ async def test_odd_input_is_refused_with_a_reason(
         response = await client.request(method.upper(), path, **options)
     assert response.status_code == status, response.text
     assert fragment.lower() in response.text.lower()
+
+
+JSON = {"content-type": "application/json"}
+NOT_STRICT_JSON = [
+    (b'{"prompt": "x", "cfg_scale": NaN}', "NaN is not a JSON number"),
+    (b'{"prompt": "x", "width": Infinity}', "Infinity is not a JSON number"),
+    (b'{"prompt": "x", "seed": -Infinity}', "-Infinity is not a JSON number"),
+    (b'{"prompt": "\\ud800"}', "lone surrogate"),
+    (b'{"prompt": "x", "styles": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+    (b'{"prompt": "\xff"}', "not UTF-8"),
+]
+
+
+@pytest.mark.parametrize(("body", "reason"), NOT_STRICT_JSON, ids=lambda v: str(v)[:20])
+async def test_bodies_that_are_not_strict_json_get_a_422_that_serialises(
+    loaded_client: httpx.AsyncClient, body: bytes, reason: str
+) -> None:
+    # Python's parser accepts NaN/Infinity and lone surrogates; the 422 naming them could
+    # not be serialised, and SQLite cannot store a lone surrogate: each was a 500.
+    response = await loaded_client.post("/histories", content=body, headers=JSON)
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["type"] == "json_invalid"
+    assert reason in error["ctx"]["error"]
+    assert (await loaded_client.get("/histories")).json() == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"url": "http://127.0.0.1:9/a.safetensors", "token": "t\u00e9st"},
+        {"url": "http://127.0.0.1:9/a.safetensors?token=t%C3%A9st"},
+        {"civitai": {"model_version_id": 5}, "token": "with space"},
+    ],
+    ids=["non-ascii", "non-ascii-in-url", "space"],
+)
+async def test_a_token_that_cannot_be_sent_is_refused_at_once(
+    client: httpx.AsyncClient, body: dict[str, Any]
+) -> None:
+    response = await client.post("/loras/download", json=body)
+    assert response.status_code == 400, response.text
+    detail = response.json()["detail"]
+    assert "token is invalid" in detail
+    assert "t\u00e9st" not in detail  # never echoed
+    assert "with space" not in detail
+    assert (await client.get("/loras/downloads")).json() == {"downloads": []}

@@ -10,8 +10,9 @@ from app.features.config.schemas import (
     MaxMemoryRequest,
     SafetyCheckRequest,
 )
+from app.http import StrictJSONRoute
 
-router = APIRouter(prefix="/config", tags=["config"])
+router = APIRouter(prefix="/config", tags=["config"], route_class=StrictJSONRoute)
 
 
 @router.get("")

@@ -5,8 +5,9 @@ from fastapi import APIRouter
 from app.deps import EventsDep, ModelManagerDep, SessionDep, StorageDep
 from app.features.generators import service
 from app.features.generators.schemas import GenerateRequest, GenerateResponse, SamplerOut
+from app.http import StrictJSONRoute
 
-router = APIRouter(prefix="/generators", tags=["generators"])
+router = APIRouter(prefix="/generators", tags=["generators"], route_class=StrictJSONRoute)
 
 
 @router.post("")

@@ -5,8 +5,9 @@ from fastapi.concurrency import run_in_threadpool
 
 from app.features.hardware import service
 from app.features.hardware.schemas import HardwareStatus
+from app.http import StrictJSONRoute
 
-router = APIRouter(prefix="/hardware", tags=["hardware"])
+router = APIRouter(prefix="/hardware", tags=["hardware"], route_class=StrictJSONRoute)
 
 
 @router.get("")

@@ -6,9 +6,10 @@ from app.deps import ModelManagerDep, SessionDep, StorageDep
 from app.features.generators.schemas import GeneratorConfig
 from app.features.histories import service
 from app.features.histories.schemas import HistoryOut, MessageResponse
+from app.http import StrictJSONRoute
 from app.validation import DatabaseIdPath
 
-router = APIRouter(prefix="/histories", tags=["histories"])
+router = APIRouter(prefix="/histories", tags=["histories"], route_class=StrictJSONRoute)
 
 
 @router.post("")

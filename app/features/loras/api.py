@@ -16,9 +16,10 @@ from app.features.loras.schemas import (
     LoRAListResponse,
     LoRAUploadRequest,
 )
+from app.http import StrictJSONRoute
 from app.validation import DatabaseIdPath
 
-router = APIRouter(prefix="/loras", tags=["loras"])
+router = APIRouter(prefix="/loras", tags=["loras"], route_class=StrictJSONRoute)
 
 
 @router.post("/upload", status_code=status.HTTP_201_CREATED)

@@ -260,7 +260,7 @@ def check_layer(layer: KeyLayer) -> tuple[int, bool]:
 def check_adapter_metadata(raw: str, layers: Iterable[KeyLayer]) -> None:
     try:
         config = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested thousands of levels deep
         raise InvalidLoRAError(
             f"The file's '{LORA_ADAPTER_METADATA_KEY}' metadata is not valid JSON."
         ) from None

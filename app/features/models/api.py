@@ -12,9 +12,10 @@ from app.features.models.schemas import (
     LoadModelResponse,
     MessageResponse,
 )
+from app.http import StrictJSONRoute
 from app.validation import ModelId
 
-router = APIRouter(prefix="/models", tags=["models"])
+router = APIRouter(prefix="/models", tags=["models"], route_class=StrictJSONRoute)
 
 
 @router.get("/downloaded")

@@ -4,7 +4,9 @@ from typing import Any
 
 from fastapi import APIRouter
 
-router = APIRouter(prefix="/styles", tags=["styles"])
+from app.http import StrictJSONRoute
+
+router = APIRouter(prefix="/styles", tags=["styles"], route_class=StrictJSONRoute)
 
 
 @router.get("")

@@ -28,7 +28,7 @@ from app.features.loras.downloads import plan as plans
 from app.features.loras.downloads import store
 from app.features.loras.downloads.partial_file import PartialFile, in_thread
 from app.features.loras.downloads.record import Download
-from app.features.loras.downloads.references import parse_request, token_in
+from app.features.loras.downloads.references import check_token, parse_request, token_in
 from app.features.loras.downloads.remote import DownloadError, RetryPolicy
 from app.features.loras.downloads.schemas import (
     DownloadSource,
@@ -85,6 +85,8 @@ class DownloadManager:
         public_url, file_name = plans.describe(reference, self.settings)
         self._refuse_in_flight(url=public_url)
         token = request.token or (token_in(request.url) if request.url else None)
+        if token is not None:
+            check_token(token)
         try:
             plan = await plans.resolve(reference, token, self.settings, self.client, self.retry)
         except DownloadError as error:

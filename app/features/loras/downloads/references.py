@@ -84,6 +84,15 @@ def public_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query), ""))
 
 
+def check_token(token: str) -> None:
+    """A token goes into an HTTP header: printable ASCII only (never echoed back)."""
+    if not all("!" <= character <= "~" for character in token):
+        raise BadRequestError(
+            "The access token is invalid: tokens are printable ASCII text without spaces; "
+            "copy it again from the service's settings page."
+        )
+
+
 def token_in(url: str) -> str | None:
     """A ``?token=`` given in the URL (CivitAI download links carry one)."""
     for key, value in parse_qsl(urlsplit(url).query):

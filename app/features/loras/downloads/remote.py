@@ -218,7 +218,7 @@ async def get_json(client: httpx.AsyncClient, url: str, target: Target, retry: R
             await retry.wait(failures)
     try:
         return json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep
         raise DownloadError(
             f"{target.server(url)} sent an answer that is not JSON for {target.what}."
         ) from None

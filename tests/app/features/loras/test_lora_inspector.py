@@ -260,12 +260,15 @@ def test_non_text_metadata_is_refused(tmp_path: Path, pipeline: Any) -> None:
         inspect_file(path)
 
 
-def test_broken_adapter_metadata_is_refused(tmp_path: Path, pipeline: Any) -> None:
+@pytest.mark.parametrize(
+    "broken", ["{oops", "[" * 100_000 + "]" * 100_000], ids=["not-json", "nested-too-deep"]
+)
+def test_broken_adapter_metadata_is_refused(tmp_path: Path, pipeline: Any, broken: str) -> None:
     path = write_lora(
         tmp_path / "m.safetensors",
         pipeline,
         fmt="peft",
-        metadata={"lora_adapter_metadata": "{oops"},
+        metadata={"lora_adapter_metadata": broken},
     )
     with pytest.raises(
         InvalidLoRAError, match="'lora_adapter_metadata' metadata is not valid JSON"
