@@ -23,6 +23,7 @@ from app.features.config.service import read_user_config
 from app.features.generators.api import router as generators_router
 from app.features.hardware.api import router as hardware_router
 from app.features.health.api import router as health_router
+from app.features.histories import service as histories_service
 from app.features.histories.api import router as histories_router
 from app.features.loras import service as loras_service
 from app.features.loras.api import router as loras_router
@@ -55,6 +56,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await anyio.to_thread.run_sync(build_embedded_model, storage.embedded_model_dir)
         await models_service.register_embedded_model(session, storage)
         await loras_service.repair_on_startup(session, storage)
+        await histories_service.repair_on_startup(session, storage)
         await session.commit()
     events: EventEmitter = app.state.events
     await events.start()

@@ -79,6 +79,12 @@ async def add_images(
     return rows
 
 
+async def image_file_names(session: AsyncSession) -> set[str]:
+    """The file name (``<name>.png``) of every recorded image."""
+    result = await session.scalars(select(GeneratedImage.path))
+    return {path.rsplit("/", 1)[-1] for path in result.all()}
+
+
 # --- LoRAs ------------------------------------------------------------------------------
 
 

@@ -79,6 +79,19 @@ class Storage:
             image.save(handle, format="PNG", pnginfo=info)
         return f"{GENERATED_IMAGES_URL_PREFIX}/{target.name}"
 
+    def remove_unrecorded_images(self, recorded: set[str]) -> list[str]:
+        """Remove what a crash left in the images folder: temporary files, and PNGs whose
+        rows were never committed. Returns the names removed."""
+        removed = []
+        for entry in self.generated_images_dir.iterdir():
+            if entry.is_file() and (
+                entry.name.startswith(TEMP_PREFIX)
+                or (entry.suffix == ".png" and entry.name not in recorded)
+            ):
+                entry.unlink(missing_ok=True)
+                removed.append(entry.name)
+        return removed
+
     def delete_generated_image(self, url_path: str) -> None:
         name = Path(url_path).name
         (self.generated_images_dir / name).unlink(missing_ok=True)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from functools import partial
 
+import anyio.to_thread
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.cores.model_manager.model_manager import ModelManager
@@ -13,6 +15,8 @@ from app.database.models import History
 from app.exceptions import NoModelLoadedError, NotFoundError
 from app.features.generators.schemas import GeneratorConfig
 from app.services.storage import Storage
+
+logger = logging.getLogger(__name__)
 
 
 async def create_history(
@@ -25,6 +29,16 @@ async def create_history(
         session, config.prompt, model_id, config.model_dump(mode="json")
     )
     return history.id
+
+
+async def repair_on_startup(session: AsyncSession, storage: Storage) -> None:
+    """Images are written before their rows commit: a crash in between leaves PNGs (or
+    temporary files) that no history shows. They go at the next start, so that every image
+    on disk is a recorded one."""
+    recorded = await crud.image_file_names(session)
+    removed = await anyio.to_thread.run_sync(storage.remove_unrecorded_images, recorded)
+    if removed:
+        logger.info("Removed %d image file(s) that no history records", len(removed))
 
 
 async def list_histories(session: AsyncSession) -> Sequence[History]:

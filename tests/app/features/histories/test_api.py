@@ -9,6 +9,8 @@ import httpx
 
 from app.config import EMBEDDED_MODEL_ID, Settings
 from app.features.generators.schemas import DEFAULT_NEGATIVE_PROMPT
+from tests.api import post_generate
+from tests.harness import running_app
 
 FAST = {"width": 64, "height": 64, "steps": 2, "seed": 7}
 
@@ -201,3 +203,20 @@ async def test_delete_unknown_is_not_found(client: httpx.AsyncClient) -> None:
     assert response.status_code == 404
     assert "12345" in response.json()["detail"]
     assert (await client.delete("/histories/abc")).status_code == 422
+
+
+async def test_start_up_removes_images_that_no_history_records(settings: Settings) -> None:
+    # What a crash between writing the PNGs and committing their rows leaves behind: PNGs
+    # without rows and temporary files. The next start removes them; recorded images stay.
+    async with running_app(settings) as (_, client):
+        assert (await client.post("/models/load", json={"model_id": EMBEDDED_MODEL_ID})).is_success
+        response = await post_generate(client, {"prompt": "kept", **FAST})
+        assert response.status_code == 200, response.text
+    [kept] = [item["file_name"] + ".png" for item in response.json()["items"]]
+    folder = settings.generated_images_dir
+    (folder / "20260101_000000_000000_0.png").write_bytes(b"\x89PNG unrecorded")
+    (folder / ".tmp-abc123").write_bytes(b"half a png")
+    async with running_app(settings) as (_, client):
+        assert sorted(p.name for p in folder.iterdir()) == [kept]
+        [history] = (await client.get("/histories")).json()
+        assert [image["file_name"] + ".png" for image in history["generated_images"]] == [kept]
