@@ -22,6 +22,7 @@ from app.exceptions import BadRequestError, ConflictError, NotFoundError
 from app.features.loras import file_manager
 from app.features.loras.base_model import is_compatible
 from app.features.loras.hashes import autov2, autov3
+from app.features.loras.metadata import clean_text
 from app.features.loras.schemas import LoRAConfigItem, LoRAInfo
 from app.services.storage import Storage
 
@@ -97,7 +98,14 @@ def duplicate_message(row: LoRA) -> str:
     return f"This file is already added as LoRA '{row.name}' (id {row.id})."
 
 
+MAX_NAME_CHARS = 200
+"""Display names (the ``name`` column holds 255) leave room for a `` (NN)`` suffix."""
+
+
 async def _display_name(session: AsyncSession, stem: str) -> str:
+    # A file name can hide direction overrides (U+202E) and control characters as well as
+    # metadata can: the same cleaning applies.
+    stem = clean_text(stem, MAX_NAME_CHARS)[0].strip() or "LoRA"
     taken = await crud.lora_names_like(session, stem)
     if stem not in taken:
         return stem

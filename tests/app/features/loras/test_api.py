@@ -128,6 +128,16 @@ async def test_same_name_different_content_gets_distinct_names(
     }
 
 
+async def test_direction_overrides_leave_the_display_name(
+    client: httpx.AsyncClient, user_files: UserFiles
+) -> None:
+    # "\u202egnp.safetensors" shows as "safetensors.png" in a list: the name is cleaned like
+    # metadata is; the file is still found and copied.
+    path = user_files("style_a", "my\u202e\u2066style\u200f.safetensors")
+    info = await upload_ok(client, path)
+    assert info["name"] == "mystyle"
+
+
 # ---------------------------------------------------------------------------------------------
 # List, get, delete
 
