@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from typing import Any
 
 import httpx
@@ -9,7 +10,7 @@ import pytest
 from sqlalchemy import text
 
 from app.config import EMBEDDED_MODEL_ID, Settings
-from tests.harness import running_app
+from tests.harness import live_server, running_app
 
 ORIGIN = "http://localhost:3000"
 
@@ -144,3 +145,21 @@ async def test_a_token_that_cannot_be_sent_is_refused_at_once(
     assert "t\u00e9st" not in detail  # never echoed
     assert "with space" not in detail
     assert (await client.get("/loras/downloads")).json() == {"downloads": []}
+
+
+def test_a_server_error_leaves_the_keep_alive_connection_usable(settings: Settings) -> None:
+    # Over a real server: after a 500 the next request on the same connection is answered
+    # (the error used to be re-raised to uvicorn, which dropped the connection unannounced).
+    with live_server(settings) as url:
+        database = settings.resolved_database_url.removeprefix("sqlite+aiosqlite:///")
+        with sqlite3.connect(database) as connection:
+            connection.execute(
+                "CREATE TRIGGER keep_models BEFORE DELETE ON models "
+                "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            )
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        with httpx.Client(base_url=url, limits=limits, timeout=60) as client:
+            failed = client.delete("/models", params={"model_id": EMBEDDED_MODEL_ID})
+            assert failed.status_code == 500
+            assert failed.headers.get("connection") != "close"
+            assert client.get("/").status_code == 200
