@@ -15,9 +15,10 @@ import pytest
 from app.config import Settings
 from tests.app.features.loras.conftest import LoRASources
 from tests.app.features.loras.downloads.fake_remote import FakeRemote, running_remote
+from tests.harness import WAIT_TIMEOUT
 
 FINISHED = {"completed", "failed", "cancelled"}
-TIMEOUT = 20.0
+TIMEOUT = WAIT_TIMEOUT  # a bound for a broken run, not a speed target
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ import socketio
 
 from app.config import Settings
 from tests.app.features.loras.downloads.fake_remote import FakeRemote
-from tests.harness import live_server, wait_until_sync
+from tests.harness import WAIT_TIMEOUT, live_server, wait_until_sync
 
-TIMEOUT = 20.0
+TIMEOUT = WAIT_TIMEOUT  # a bound for a broken run, not a speed target
 Event = tuple[str, dict[str, Any]]
 
 
