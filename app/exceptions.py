@@ -39,6 +39,12 @@ class ConflictError(AppError):
     status_code = 409
 
 
+class InsufficientStorageError(AppError):
+    """The disk is full: nothing of the change was kept (507)."""
+
+    status_code = 507
+
+
 class NoModelLoadedError(BadRequestError):
     def __init__(self) -> None:
         super().__init__("No model is currently loaded. Load a model first.")

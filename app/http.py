@@ -13,6 +13,7 @@ from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.exceptions import AppError
+from app.services.disk_space import disk_full_error, is_disk_full
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +70,25 @@ class UnexpectedErrorMiddleware:
         try:
             await self.app(scope, receive, send_tracking)
         except Exception as error:
-            logger.error(
-                "Unexpected error on %s %s", scope["method"], scope["path"], exc_info=error
-            )
             if started:  # too late for another answer: the server closes the connection
+                logger.error("Error after the response began", exc_info=error)
                 raise
-            response = JSONResponse(status_code=500, content={"detail": "Internal server error"})
-            await response(scope, receive, send)
+            await _answer_unexpected(error, scope, receive, send)
+
+
+async def _answer_unexpected(error: Exception, scope: Scope, receive: Receive, send: Send) -> None:
+    """A full disk wherever it struck (a commit, most often) is the environment, not a bug:
+    507 saying so; the request's transaction has already been rolled back. Anything else is
+    a 500 without internals, logged in full."""
+    if is_disk_full(error):
+        logger.warning("Disk full on %s %s: %s", scope["method"], scope["path"], error)
+        settings = getattr(scope["app"].state, "settings", None)
+        full = disk_full_error("the change", settings.cache_dir if settings else None)
+        response = JSONResponse(status_code=full.status_code, content={"detail": full.detail})
+    else:
+        logger.error("Unexpected error on %s %s", scope["method"], scope["path"], exc_info=error)
+        response = JSONResponse(status_code=500, content={"detail": "Internal server error"})
+    await response(scope, receive, send)
 
 
 class StrictJSONRequest(Request):

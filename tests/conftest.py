@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from app.config import EMBEDDED_MODEL_ID, Settings
 from app.cores.model_manager.embedded_model import build_embedded_model
 from app.main import create_app
-from tests.harness import http_client
+from tests.harness import SmallDisk, http_client, small_disk
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +63,15 @@ async def loaded_client(client: httpx.AsyncClient) -> httpx.AsyncClient:
     response = await client.post("/models/load", json={"model_id": EMBEDDED_MODEL_ID})
     assert response.status_code == 200, response.text
     return client
+
+
+@pytest.fixture
+def small_disk_settings(
+    tmp_path: Path, embedded_model_dir: Path
+) -> Iterator[tuple[Settings, SmallDisk]]:
+    """Settings whose whole cache folder (database included) lives on a 24 MiB file system
+    the test can fill; the embedded model is pre-copied onto it."""
+    with small_disk(tmp_path / "small", 24) as disk:
+        cache = disk.root / "cache"
+        shutil.copytree(embedded_model_dir, cache / "models" / "embedded--tiny-sd")
+        yield Settings(cache_dir=cache), disk

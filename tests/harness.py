@@ -4,14 +4,19 @@ a condition with a bound (never a fixed sleep: the machine running the tests may
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import socketio
 import uvicorn
 from fastapi import FastAPI
@@ -135,3 +140,47 @@ def live_server(settings: Settings) -> Iterator[str]:
         thread.join(timeout=WAIT_TIMEOUT)
         listener.close()
     assert not thread.is_alive(), "uvicorn did not stop"
+
+
+class SmallDisk:
+    """A real file system of a few MiB (tmpfs) that a test can fill to the last byte."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._filler = root / "filler"
+
+    def fill(self) -> None:
+        """Take every free byte: the next write anywhere on it fails with ENOSPC."""
+        fd = os.open(self._filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        try:
+            chunk = 1024 * 1024
+            while chunk:
+                try:
+                    os.write(fd, b"\0" * chunk)
+                except OSError as error:
+                    if error.errno != errno.ENOSPC:
+                        raise
+                    chunk //= 2
+        finally:
+            os.close(fd)
+
+    def free(self) -> None:
+        self._filler.unlink(missing_ok=True)
+
+
+@contextmanager
+def small_disk(folder: Path, size_mib: int) -> Iterator[SmallDisk]:
+    """Mount a ``size_mib`` tmpfs on ``folder``; skips the test where mounting is not
+    allowed (it needs root): a full disk cannot be caused any other way without mocks."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(folder)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small file system: {mounted.stderr.decode().strip()}")
+    try:
+        yield SmallDisk(folder)
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)

@@ -16,6 +16,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from app.config import EMBEDDED_MODEL_ID, Settings
+from app.services.disk_space import disk_full_error, is_disk_full
 
 GENERATED_IMAGES_URL_PREFIX = "static/generated_images"
 TEMP_PREFIX = ".tmp-"
@@ -75,8 +76,13 @@ class Storage:
     def save_png(self, image: Image.Image, file_name: str, info: PngInfo | None = None) -> str:
         """Write ``file_name``.png atomically; returns its server-relative URL path."""
         target = self.generated_images_dir / f"{file_name}.png"
-        with atomic_writer(target) as handle:
-            image.save(handle, format="PNG", pnginfo=info)
+        try:
+            with atomic_writer(target) as handle:
+                image.save(handle, format="PNG", pnginfo=info)
+        except OSError as error:
+            if is_disk_full(error):
+                raise disk_full_error("the generated images", self.generated_images_dir) from error
+            raise
         return f"{GENERATED_IMAGES_URL_PREFIX}/{target.name}"
 
     def remove_unrecorded_images(self, recorded: set[str]) -> list[str]:
@@ -106,5 +112,10 @@ class Storage:
         return data if isinstance(data, dict) else {}
 
     def write_json(self, path: Path, data: dict[str, Any]) -> None:
-        with atomic_writer(path) as handle:
-            handle.write(json.dumps(data, indent=2).encode("utf-8"))
+        try:
+            with atomic_writer(path) as handle:
+                handle.write(json.dumps(data, indent=2).encode("utf-8"))
+        except OSError as error:
+            if is_disk_full(error):
+                raise disk_full_error(f"'{path.name}'", path.parent) from error
+            raise

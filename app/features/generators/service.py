@@ -38,6 +38,7 @@ from app.features.loras import file_manager
 from app.features.loras import service as loras_service
 from app.features.loras.hashes import autov3
 from app.features.loras.service import LoRASelection
+from app.services.disk_space import disk_full_error, is_disk_full
 from app.services.events import EventEmitter
 from app.services.storage import Storage
 
@@ -124,6 +125,10 @@ def _pinned(
         raise BadRequestError(
             f"The file of LoRA {name} is missing; delete the LoRA and add it again."
         ) from error
+    except OSError as error:
+        if is_disk_full(error):  # a file system without hard links copies them
+            raise disk_full_error("the LoRA files in use", storage.loras_dir) from error
+        raise
 
 
 async def _run(models: ModelManager, events: EventEmitter, plan: GenerationPlan) -> GenerationRun:

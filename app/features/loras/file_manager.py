@@ -28,6 +28,7 @@ from app.features.loras.hashes import PayloadHasher, tensor_sha256_of
 from app.features.loras.lora_inspector import InvalidLoRAError, LoRAInspection, inspect_lora_header
 from app.features.loras.metadata import LoRADetails, describe_lora
 from app.features.loras.safetensors_file import SafetensorsError, SafetensorsHeader, read_header
+from app.services.disk_space import disk_full_error, is_disk_full
 from app.validation import control_character_in
 
 logger = logging.getLogger(__name__)
@@ -179,6 +180,8 @@ def stage_copy(source: Path, loras_dir: Path, max_size: int) -> StagedLoRA:
             os.close(fd)
     except OSError as error:
         temp_path.unlink(missing_ok=True)
+        if is_disk_full(error):
+            raise disk_full_error(f"the copy of '{source.name}'", loras_dir) from None
         raise LoRAFileError(f"Could not copy '{source.name}': {error.strerror}") from None
     except BaseException:
         temp_path.unlink(missing_ok=True)

@@ -37,6 +37,7 @@ from app.features.loras.downloads.schemas import (
 )
 from app.features.loras.downloads.transfer import Transfer
 from app.features.loras.schemas import LoRAInfo
+from app.services.disk_space import disk_full_error, is_disk_full
 from app.services.events import EventEmitter
 from app.services.storage import Storage
 
@@ -242,9 +243,13 @@ class DownloadManager:
         except (DownloadError, AppError) as error:
             detail = error.detail
             logger.warning("LoRA download %s failed: %s", download.id, error.detail)
-        except Exception:
-            logger.exception("LoRA download %s failed unexpectedly", download.id)
-            detail = "Unexpected error while adding the LoRA; see the server log."
+        except Exception as error:
+            if is_disk_full(error):
+                detail = disk_full_error(f"'{download.file_name}'", self.storage.loras_dir).detail
+                logger.warning("LoRA download %s failed: %s", download.id, detail)
+            else:
+                logger.exception("LoRA download %s failed unexpectedly", download.id)
+                detail = "Unexpected error while adding the LoRA; see the server log."
         finally:
             for partial in created:
                 await in_thread(partial.discard)

@@ -16,7 +16,7 @@ from tests.app.features.loras.helpers import (
     upload_ok,
 )
 from tests.factories import lora_files
-from tests.harness import running_app
+from tests.harness import SmallDisk, running_app
 
 # ---------------------------------------------------------------------------------------------
 # Refused uploads: checks on the path
@@ -117,6 +117,18 @@ async def test_configured_size_limit(
             assert (await upload_ok(client, source))["file_size"] == size
         else:
             await assert_refused(client, small, source, "exceeds limit")
+
+
+async def test_a_full_disk_is_a_507_and_keeps_nothing(
+    small_disk_settings: tuple[Settings, SmallDisk], user_files: UserFiles
+) -> None:
+    settings, disk = small_disk_settings
+    source = user_files("kohya_unet", "style.safetensors")
+    async with running_app(settings) as (_, client):
+        disk.fill()
+        await assert_refused(client, settings, source, "the disk is full", status=507)
+        disk.free()
+        assert (await upload_ok(client, source))["file_size"] == source.stat().st_size
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from tests.app.features.loras.downloads.conftest import (
     wait_for,
 )
 from tests.app.features.loras.downloads.fake_remote import FakeRemote, closed_port_url
-from tests.harness import running_app
+from tests.harness import SmallDisk, running_app
 
 Events = list[tuple[str, dict[str, Any]]]
 
@@ -195,3 +195,20 @@ async def test_the_final_state_is_published_after_the_clean_up(
     finally:
         remove()
     assert seen_at_the_end == [set()]
+
+
+async def test_a_full_disk_fails_the_download_with_a_507_detail_and_keeps_nothing(
+    settings: Settings,
+    small_disk_settings: tuple[Settings, SmallDisk],
+    remote: FakeRemote,
+    lora_bytes: dict[str, bytes],
+) -> None:
+    small, disk = small_disk_settings
+    remote_fields = ("huggingface_base_url", "lora_download_attempts", "lora_download_retry_delay")
+    small = small.model_copy(update={name: getattr(settings, name) for name in remote_fields})
+    url = remote.serve("/style.safetensors", lora_bytes["kohya_unet"])
+    async with running_app(small) as (_, client):
+        disk.fill()
+        await assert_failed(client, small, {"url": url}, "the disk is full", "'style.safetensors'")
+        disk.free()
+        assert (await download(client, {"url": url}))["state"] == "completed"
