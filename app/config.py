@@ -68,6 +68,25 @@ class Settings(BaseSettings):
     lora_download_timeout: float = Field(
         default=30.0, gt=0, le=600, description="Seconds to connect, or to wait for more data."
     )
+    lora_download_stall_timeout: float = Field(
+        default=120.0,
+        gt=0,
+        description="A LoRA download that receives less than 64 KiB in this many seconds "
+        "fails, without retrying (a server trickling bytes, which lora_download_timeout "
+        "never catches).",
+    )
+    lora_download_deadline: float = Field(
+        default=4 * 3600.0,
+        gt=0,
+        description="Seconds one LoRA download may take from the moment it starts "
+        "(time in the queue not counted); then it fails.",
+    )
+    lora_download_max_queued: int = Field(
+        default=50,
+        ge=1,
+        description="LoRA downloads not yet finished (queued and running); more are refused "
+        "with 429.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("device")

@@ -39,6 +39,12 @@ class ConflictError(AppError):
     status_code = 409
 
 
+class TooManyRequestsError(AppError):
+    """A limit on waiting work is reached: try again once some of it is done (429)."""
+
+    status_code = 429
+
+
 class InsufficientStorageError(AppError):
     """The disk is full: nothing of the change was kept (507)."""
 

@@ -1,5 +1,6 @@
 """Downloads as asyncio tasks: at most ``lora_download_max_parallel`` at once (the rest
-queue), progress on Socket.IO, cancel, and clean-up at shutdown.
+queue, up to ``lora_download_max_queued`` unfinished in all; more are refused with 429),
+progress on Socket.IO, cancel, and clean-up at shutdown.
 
 Events (broadcast): ``lora_download_started`` {download_id, source, file_name};
 ``lora_download_progress`` {download_id, bytes_done, bytes_total} at most every 0.25 s and
@@ -22,10 +23,17 @@ from app.config import Settings
 from app.cores.model_manager.model_manager import ModelManager
 from app.database import crud
 from app.database.models import utc_now
-from app.exceptions import AppError, BadRequestError, ConflictError, NotFoundError
+from app.exceptions import (
+    AppError,
+    BadRequestError,
+    ConflictError,
+    NotFoundError,
+    TooManyRequestsError,
+)
 from app.features.loras import service
 from app.features.loras.downloads import plan as plans
 from app.features.loras.downloads import store
+from app.features.loras.downloads.limits import Limits
 from app.features.loras.downloads.partial_file import PartialFile, in_thread
 from app.features.loras.downloads.record import Download
 from app.features.loras.downloads.references import check_token, parse_request, token_in
@@ -81,6 +89,7 @@ class DownloadManager:
         """Check the request, learn what it can in advance (CivitAI: hashes), start."""
         if self._closing:
             raise BadRequestError("The server is shutting down.")
+        self._refuse_over_limit()  # before asking any server
         reference = parse_request(request, self.settings)
         source = plans.source_of(reference)
         public_url, file_name = plans.describe(reference, self.settings)
@@ -100,6 +109,7 @@ class DownloadManager:
                 raise ConflictError(service.duplicate_message(existing))
             self._refuse_in_flight(sha256=plan.expected_sha256)
         self._refuse_in_flight(url=plan.public_url)
+        self._refuse_over_limit()  # again: others may have started while this one resolved
         download = self._register(source, plan.public_url, plan.file_name, plan)
         download.task = asyncio.create_task(
             self._run(download), name=f"lora-download-{download.id}"
@@ -154,6 +164,16 @@ class DownloadManager:
                 raise ConflictError(
                     f"'{other.file_name}' is already being downloaded (download {other.id})."
                 )
+
+    def _refuse_over_limit(self) -> None:
+        waiting = sum(1 for d in self._downloads.values() if not d.state.finished)
+        limit = self.settings.lora_download_max_queued
+        if waiting >= limit:
+            raise TooManyRequestsError(
+                f"{waiting} LoRA downloads are already queued or running (the limit is {limit}, "
+                "LOCALAI_LORA_DOWNLOAD_MAX_QUEUED). Wait until some have finished, or cancel "
+                "some, then try again."
+            )
 
     def _register(
         self, source: DownloadSource, url: str, file_name: str, plan: plans.Plan | None
@@ -266,6 +286,7 @@ class DownloadManager:
             created[0],
             max_size=self.settings.lora_max_file_size,
             retry=self.retry,
+            limits=Limits.from_settings(self.settings),
             on_response=lambda name, total: self._on_response(download, name, total),
             on_progress=lambda done, total: self._on_progress(download, done, total),
         )

@@ -7,6 +7,8 @@
   exponential backoff; it resumes with ``Range: bytes=N-`` when the server advertised
   ``Accept-Ranges: bytes`` or answered 206, otherwise it starts over. Consecutive failures
   without progress are limited by ``RetryPolicy.attempts``.
+* Since every attempt that made progress resets that count, the transfer as a whole runs
+  under :mod:`limits`: a stall (too few bytes for too long) and a deadline end it for good.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from urllib.parse import unquote
 import httpx
 
 from app.features.loras import file_manager
+from app.features.loras.downloads.limits import Limits, Watchdog
 from app.features.loras.downloads.partial_file import PartialFile, in_thread
 from app.features.loras.downloads.plan import Plan
 from app.features.loras.downloads.remote import (
@@ -79,6 +82,7 @@ class Transfer:
         *,
         max_size: int,
         retry: RetryPolicy,
+        limits: Limits,
         on_response: OnResponse,
         on_progress: OnProgress,
     ) -> None:
@@ -87,6 +91,7 @@ class Transfer:
         self.partial = partial
         self.max_size = max_size
         self.retry = retry
+        self.watchdog = Watchdog(limits)
         self.on_response = on_response
         self.on_progress = on_progress
         self.file_name = plan.file_name
@@ -95,6 +100,10 @@ class Transfer:
         self._named = False
 
     async def run(self) -> None:
+        async with self.watchdog.watching():
+            await self._attempts()
+
+    async def _attempts(self) -> None:
         failures = 0
         while True:
             before = self.partial.size
@@ -152,6 +161,7 @@ class Transfer:
         buffer = bytearray()
         try:
             async for chunk in response.aiter_raw():
+                self.watchdog.received(len(chunk))
                 received = self.partial.size + len(buffer) + len(chunk)
                 if received > self.max_size:
                     message = file_manager.size_limit_message(self.file_name, self.max_size)

@@ -1,7 +1,8 @@
 """A small threaded HTTP server on loopback that answers like the services LoRAs come from.
 
 * Files (``serve``): with or without Content-Length, a lying Content-Length, with or without
-  ``Range`` support, dropping the connection once mid-file, streaming slowly, behind a token.
+  ``Range`` support, dropping the connection mid-file (once or every time), streaming slowly
+  or without end, held until the test releases it, behind a token.
 * Hugging Face (``hugging_face``): ``/hf/{repo_id}/resolve/{revision}/{filename}`` answers
   302 to a "CDN" path (or to another server), like huggingface.co does.
 * CivitAI (``civitai_version``, ``civitai_model``): ``/civitai/api/v1/model-versions/{id}``
@@ -34,9 +35,15 @@ class Served:
     ranges: bool = True
     drop_after: int | None = None
     """Send this many bytes of the first full answer, then cut the connection (once)."""
+    drop_always: bool = False
+    """Cut every answer (resumed ones too) after ``drop_after`` bytes, not only the first."""
     chunk: int = 16 * 1024
     delay: float = 0.0
     """Seconds to wait before each chunk."""
+    endless: bool = False
+    """Send ``data`` over and over: the body never ends (use with ``content_length=False``)."""
+    hold: threading.Event | None = None
+    """Answer only once this is set (the test decides when, however slow the machine)."""
     disposition: str | None = None
     content_type: str = "application/octet-stream"
 
@@ -192,6 +199,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _file(self, served: Served) -> None:
+        if served.hold is not None and not self._released(served.hold):
+            return
         data, start = served.data, 0
         asked = self.headers.get("Range", "")
         if served.ranges and asked.startswith("bytes=") and asked.endswith("-"):
@@ -215,15 +224,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
-        cut = served.drop_after if start == 0 else None
+        cut = served.drop_after if start == 0 or served.drop_always else None
         if cut is not None:
-            served.drop_after = None  # once
+            if not served.drop_always:
+                served.drop_after = None  # once
             body = body[:cut]
         try:
-            for offset in range(0, len(body), served.chunk):
-                if served.delay and self.server.remote.stopping.wait(served.delay):
+            for chunk in _chunks(body, served):
+                if self.server.remote.stopping.wait(served.delay):  # delay 0: no wait
                     break
-                self.wfile.write(body[offset : offset + served.chunk])
+                self.wfile.write(chunk)
                 self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
@@ -231,6 +241,22 @@ class _Handler(BaseHTTPRequestHandler):
         if cut is not None:
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
+
+    def _released(self, hold: threading.Event) -> bool:
+        """Wait for ``hold``; False when the server stops first."""
+        stopping = self.server.remote.stopping
+        while not hold.wait(0.05):
+            if stopping.is_set():
+                return False
+        return True
+
+
+def _chunks(body: bytes, served: Served) -> Iterator[bytes]:
+    while True:
+        for offset in range(0, len(body), served.chunk):
+            yield body[offset : offset + served.chunk]
+        if not served.endless or not body:
+            return
 
 
 class _Server(ThreadingHTTPServer):
