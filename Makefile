@@ -17,7 +17,7 @@ TORCH_CPU_INDEX_URL := https://download.pytorch.org/whl/cpu
 # come with the project below) and with short timeouts, so an index out of reach costs seconds.
 TORCH_CPU_PIP_ARGS := --no-deps --timeout 15 --retries 1 --extra-index-url $(TORCH_CPU_INDEX_URL)
 
-.PHONY: install run test lint format typecheck pytest bench clean
+.PHONY: install run test lint format typecheck pytest fuzz bench clean
 
 install: $(STAMP)
 
@@ -60,6 +60,13 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest
+
+# `make test` drives every API operation with generated requests (tests/app/test_openapi_fuzz.py,
+# 20 examples per operation); this runs the same with more. FUZZ_EXAMPLES=N picks how many,
+# FUZZ_SEED=N other requests than the fixed seed's.
+FUZZ_EXAMPLES ?= 200
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/app/test_openapi_fuzz.py
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.lora_speed
