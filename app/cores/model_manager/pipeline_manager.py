@@ -28,6 +28,14 @@ from app.cores.model_manager.lora_fusion import (
     harvest,
     lora_components,
 )
+from app.cores.model_manager.memory import (
+    ImagePass,
+    MemoryPlan,
+    MemoryShares,
+    budget_for,
+    plan_memory,
+    weights_bytes,
+)
 from app.cores.model_manager.model_family import ModelFamily, family_of_pipeline
 from app.cores.model_manager.model_hash import model_hash as hash_model_folder
 
@@ -121,6 +129,10 @@ class PipelineManager:
         """The model's own scheduler config, as loaded. Every request's scheduler is built
         from it: the pipeline's current scheduler is whatever the previous request used
         (with its Karras sigmas and other options)."""
+        self.weights_bytes = weights_bytes(pipeline)
+        # The VAE decodes (and encodes) one image at a time: a batch's peak is one image's,
+        # so the memory estimate holds at any batch size (see ``memory``).
+        pipeline.vae.enable_slicing()
         # Shares every module with the text-to-image pipeline: no extra memory.
         self.img2img = AutoPipelineForImage2Image.from_pipe(pipeline)
         self.safety_check_enabled = True
@@ -171,6 +183,24 @@ class PipelineManager:
     @property
     def sample_size(self) -> int:
         return int(getattr(self.pipeline.unet.config, "sample_size", 64) or 64)
+
+    def memory_plan(self, passes: list[ImagePass], shares: MemoryShares) -> MemoryPlan:
+        """How ``passes`` would run within the user's share of this device's memory."""
+        budget = budget_for(self.device, shares, self.weights_bytes)
+        return plan_memory(self.pipeline, passes, budget)
+
+    @contextlib.contextmanager
+    def decoding_in_tiles(self, enabled: bool) -> Iterator[None]:
+        """Decode in tiles for the block when ``enabled`` (it changes pixels slightly at the
+        tiles' seams, so only when one whole image would not fit)."""
+        if not enabled:
+            yield
+            return
+        self.pipeline.vae.enable_tiling()
+        try:
+            yield
+        finally:
+            self.pipeline.vae.disable_tiling()
 
     def describe(self) -> dict[str, Any]:
         """The pipeline's component config, as the contract's load response shows it."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from app.cores.model_manager.memory import GiB, ImagePass, MemoryPlan, MemoryShares
 from app.cores.model_manager.model_family import ModelFamily
 from app.cores.model_manager.pipeline_manager import (
     AdapterSpec,
@@ -38,6 +39,10 @@ class LoRAIncompatibleError(BadRequestError):
     """A requested LoRA does not fit the loaded model."""
 
 
+class MemoryLimitError(BadRequestError):
+    """The request needs more memory than the user lets the backend use."""
+
+
 def adapter_for(lora: LoRASelection) -> AdapterSpec:
     return AdapterSpec(
         adapter_name=lora.adapter_name,
@@ -54,6 +59,7 @@ def adapter_for(lora: LoRASelection) -> AdapterSpec:
 class GenerationPlan:
     config: GeneratorConfig
     seeds: list[int]
+    memory: MemoryShares
     loras: tuple[LoRASelection, ...] = ()
 
     @property
@@ -130,6 +136,41 @@ def check_families(pipeline: PipelineManager, loras: tuple[LoRASelection, ...]) 
             )
 
 
+def _passes(plan: GenerationPlan) -> list[ImagePass]:
+    config = plan.config
+    width, height = round_to_latent_grid(config.width), round_to_latent_grid(config.height)
+    passes = [ImagePass(width, height, len(plan.seeds))]
+    if config.hires_fix is not None:
+        factor = config.hires_fix.upscale_factor
+        passes.append(
+            ImagePass(
+                round_to_latent_grid(round(width * factor)),
+                round_to_latent_grid(round(height * factor)),
+                len(plan.seeds),
+            )
+        )
+    return passes
+
+
+def check_memory(pipeline: PipelineManager, plan: GenerationPlan) -> MemoryPlan:
+    """Refuse, before anything runs, a request that cannot fit in the user's memory share."""
+    passes = _passes(plan)
+    memory = pipeline.memory_plan(passes, plan.memory)
+    if memory.fits:
+        return memory
+    budget = memory.budget
+    base, *hires = passes
+    what = f"{base.batch} image{'s' if base.batch > 1 else ''} of {base.width}x{base.height}"
+    if hires:
+        what += f", upscaled to {hires[0].width}x{hires[0].height}"
+    raise MemoryLimitError(
+        f"This request needs about {memory.estimate / GiB:.1f} GiB of working memory "
+        f"({what}), more than the {budget.limit / GiB:.1f} GiB the backend may use: "
+        f"{budget.explain()}. "
+        "Ask for fewer or smaller images, or raise the memory share in the settings."
+    )
+
+
 def run_generation(
     pipeline: PipelineManager, plan: GenerationPlan, events: EventEmitter
 ) -> GenerationRun:
@@ -145,7 +186,11 @@ def run_generation(
             check_lora_fits_pipeline(lora.file_path, pipeline.pipeline, lora.name)
         except InvalidLoRAError as error:
             raise LoRAIncompatibleError(str(error)) from error
-    with pipeline.loras_applied([adapter_for(lora) for lora in plan.loras]):
+    memory = check_memory(pipeline, plan)
+    with (
+        pipeline.decoding_in_tiles(memory.tiled_decode),
+        pipeline.loras_applied([adapter_for(lora) for lora in plan.loras]),
+    ):
         output = _generate(pipeline, plan, events)
     return GenerationRun(output, pipeline.model_id, pipeline.model_hash)
 

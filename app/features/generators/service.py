@@ -13,11 +13,13 @@ import anyio.to_thread
 import torch
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.cores.model_manager.memory import MemoryShares
 from app.cores.model_manager.model_manager import ModelManager
 from app.cores.model_manager.pipeline_manager import GenerationOutput
 from app.database import crud, hooks
 from app.database.models import History
 from app.exceptions import AppError, BadRequestError, NotFoundError
+from app.features.config.service import read_user_config
 from app.features.config.upscalers import PIL_RESAMPLING
 from app.features.generators.infotext import InfotextLoRA, build_infotext, png_info
 from app.features.generators.runner import (
@@ -60,6 +62,11 @@ def _check_supported(config: GeneratorConfig) -> None:
             f"The AI upscaler {hires.upscaler.value} is not installed; "
             "choose Lanczos, Bicubic, Bilinear or Nearest."
         )
+
+
+def _memory_shares(storage: Storage) -> MemoryShares:
+    user = read_user_config(storage)
+    return MemoryShares(gpu=user.gpu_scale_factor, ram=user.ram_scale_factor)
 
 
 def _seeds(config: GeneratorConfig) -> list[int]:
@@ -180,7 +187,7 @@ async def _generate_into(
     _check_supported(config)
     selections = await loras_service.select_loras(session, config.loras)
     with _pinned(storage, selections) as loras:
-        plan = GenerationPlan(config=config, seeds=_seeds(config), loras=loras)
+        plan = GenerationPlan(config, _seeds(config), _memory_shares(storage), loras)
         run = await _run(models, events, plan)
     output = run.output
     items = await anyio.to_thread.run_sync(
