@@ -198,6 +198,7 @@ def test_no_request_gets_a_server_error(
         prepare_generation(case, server)
     response = case.call(base_url=server.base_url, session=server.http, timeout=WAIT_TIMEOUT)
     tally.record(case.operation.label, response.status_code)
+    assert response.status_code < 500, f"{case.operation.label}: {response.text}"
     case.validate_response(response, checks=[not_a_server_error, response_schema_conformance])
 
 

@@ -21,39 +21,21 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import Coroutine, Iterator
-from contextlib import contextmanager
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import text
 
 from app.config import EMBEDDED_MODEL_ID, Settings
 from app.cores.model_manager.model_manager import ModelManager
 from app.database import crud
-from app.main import create_app
+from tests.app.features.models.helpers import pipeline_lock_held, post_load, start
 from tests.harness import wait_until
 
 COPY_ID = "tests/tiny-sd-copy"
-
-
-@contextmanager
-def _pipeline_lock_held(app: FastAPI) -> Iterator[ModelManager]:
-    """Hold the real pipeline lock: every load/unload/generation worker waits for it."""
-    manager: ModelManager = app.state.model_manager
-    with manager.held():
-        yield manager
-
-
-def _start(coroutine: Coroutine[Any, Any, httpx.Response]) -> asyncio.Task[httpx.Response]:
-    return asyncio.ensure_future(coroutine)
-
-
-async def _load(client: httpx.AsyncClient, model_id: str = EMBEDDED_MODEL_ID) -> httpx.Response:
-    return await client.post("/models/load", json={"model_id": model_id})
 
 
 async def _register_copy(app: FastAPI, settings: Settings) -> Path:
@@ -96,7 +78,7 @@ async def test_embedded_model_is_listed(client: httpx.AsyncClient, settings: Set
 
 
 async def test_load_answers_with_the_model_description(client: httpx.AsyncClient) -> None:
-    response = await _load(client)
+    response = await post_load(client)
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model_id"] == EMBEDDED_MODEL_ID
@@ -113,7 +95,7 @@ async def test_loading_the_loaded_model_again_returns_at_once(
     try:
         # Even while a generation holds the pipeline: the answer needs no lock.
         with app.state.model_manager.held():
-            response = await _load(loaded_client)
+            response = await post_load(loaded_client)
     finally:
         remove()
     assert response.status_code == 200
@@ -125,7 +107,7 @@ async def test_switching_to_another_model_replaces_the_loaded_one(
     loaded_client: httpx.AsyncClient, app: FastAPI, settings: Settings
 ) -> None:
     await _register_copy(app, settings)
-    response = await _load(loaded_client, COPY_ID)
+    response = await post_load(loaded_client, COPY_ID)
     assert response.status_code == 200, response.text
     assert response.json()["model_id"] == COPY_ID
     assert app.state.model_manager.loaded_model_id == COPY_ID
@@ -135,7 +117,7 @@ async def test_switching_to_another_model_replaces_the_loaded_one(
 
 
 async def test_unknown_model_is_not_found(client: httpx.AsyncClient) -> None:
-    response = await _load(client, "nobody/no-such-model")
+    response = await post_load(client, "nobody/no-such-model")
     assert response.status_code == 404
     assert "nobody/no-such-model" in response.json()["detail"]
     assert await _nothing_loaded(client)
@@ -145,7 +127,7 @@ async def test_registered_model_without_files_is_not_found(
     client: httpx.AsyncClient, settings: Settings
 ) -> None:
     shutil.rmtree(settings.models_dir / "embedded--tiny-sd")
-    response = await _load(client)
+    response = await post_load(client)
     assert response.status_code == 404
     assert "missing" in response.json()["detail"]
     assert await _nothing_loaded(client)
@@ -172,10 +154,10 @@ async def test_unload_releases_the_model(loaded_client: httpx.AsyncClient) -> No
 
 
 async def test_unload_during_a_load_cancels_it(client: httpx.AsyncClient, app: FastAPI) -> None:
-    with _pipeline_lock_held(app) as manager:
-        load = _start(_load(client))
+    with pipeline_lock_held(app) as manager:
+        load = start(post_load(client))
         await wait_until(lambda: manager.loading_model_id == EMBEDDED_MODEL_ID)
-        unload = _start(client.post("/models/unload"))
+        unload = start(client.post("/models/unload"))
         await wait_until(lambda: manager.loading_model_id is None)
     load_response, unload_response = await asyncio.gather(load, unload)
     assert load_response.status_code == 204
@@ -191,7 +173,7 @@ async def test_unload_cancels_a_load_that_is_already_running(
     # No lock games: the unload arrives after the load's worker has started for real. The load
     # then stops at its next checkpoint (or, if it already finished, the unload releases it).
     manager: ModelManager = app.state.model_manager
-    load = _start(_load(client))
+    load = start(post_load(client))
     # (``load.done()`` only guards against a stalled event loop missing the whole load.)
     await wait_until(lambda: manager.loading_model_id == EMBEDDED_MODEL_ID or load.done())
     unload_response = await client.post("/models/unload")
@@ -205,9 +187,9 @@ async def test_unload_cancels_a_load_that_is_already_running(
 async def test_two_loads_of_the_same_model_one_waits_for_nothing(
     client: httpx.AsyncClient, app: FastAPI
 ) -> None:
-    with _pipeline_lock_held(app) as manager:
-        first = _start(_load(client))
-        second = _start(_load(client))
+    with pipeline_lock_held(app) as manager:
+        first = start(post_load(client))
+        second = start(post_load(client))
         done, _ = await asyncio.wait(
             {first, second}, timeout=10, return_when=asyncio.FIRST_COMPLETED
         )
@@ -225,12 +207,12 @@ async def test_load_unload_load_ends_loaded(client: httpx.AsyncClient, app: Fast
     manager: ModelManager = app.state.model_manager
 
     async def staged() -> list[httpx.Response]:
-        with _pipeline_lock_held(app):
-            first = _start(_load(client))
+        with pipeline_lock_held(app):
+            first = start(post_load(client))
             await wait_until(lambda: manager.loading_model_id == EMBEDDED_MODEL_ID)
-            unload = _start(client.post("/models/unload"))
+            unload = start(client.post("/models/unload"))
             await wait_until(lambda: manager.loading_model_id is None)
-            second = _start(_load(client))
+            second = start(post_load(client))
             await wait_until(lambda: manager.loading_model_id == EMBEDDED_MODEL_ID)
         return list(await asyncio.gather(first, unload, second))
 
@@ -254,9 +236,9 @@ async def test_load_unload_load_gathered_ends_loaded(
         return response
 
     responses = await asyncio.gather(
-        later(0, _load(client)),
+        later(0, post_load(client)),
         later(1, client.post("/models/unload")),
-        later(2, _load(client)),
+        later(2, post_load(client)),
     )
     statuses = [r.status_code for r in responses]
     assert statuses[1] == 200
@@ -287,15 +269,15 @@ async def test_the_latest_request_wins_at_any_spacing(
     manager: ModelManager = app.state.model_manager
     for gap_ms in (0, 3, 10):
         if start_loaded:
-            assert (await _load(client)).status_code == 200
+            assert (await post_load(client)).status_code == 200
         else:
             assert (await client.post("/models/unload")).status_code == 200
         tasks: list[asyncio.Task[httpx.Response]] = []
         for index, kind in enumerate(sequence):
             if index:
                 await asyncio.sleep(gap_ms / 1000)  # spacing only: nothing waits on it
-            request = _load(client) if kind == "load" else client.post("/models/unload")
-            tasks.append(_start(request))
+            request = post_load(client) if kind == "load" else client.post("/models/unload")
+            tasks.append(start(request))
         responses = await asyncio.gather(*tasks)
         statuses = [r.status_code for r in responses]
         for kind, status in zip(sequence, statuses, strict=True):
@@ -316,10 +298,10 @@ async def test_a_load_of_another_model_cancels_the_running_one(
 ) -> None:
     # The UI switching models while the first one is still loading.
     await _register_copy(app, settings)
-    with _pipeline_lock_held(app) as manager:
-        first = _start(_load(client))
+    with pipeline_lock_held(app) as manager:
+        first = start(post_load(client))
         await wait_until(lambda: manager.loading_model_id == EMBEDDED_MODEL_ID)
-        second = _start(_load(client, COPY_ID))
+        second = start(post_load(client, COPY_ID))
         await wait_until(lambda: manager.loading_model_id == COPY_ID)
     first_response, second_response = await asyncio.gather(first, second)
     assert first_response.status_code == 204
@@ -333,60 +315,14 @@ async def test_a_broken_model_fails_with_a_server_error(
 ) -> None:
     folder = await _register_copy(app, settings)
     (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
-    response = await _load(loaded_client, COPY_ID)
+    response = await post_load(loaded_client, COPY_ID)
     assert response.status_code == 500
     assert COPY_ID in response.json()["detail"]
     manager: ModelManager = app.state.model_manager
     assert manager.loading_model_id is None
     # The previous model was released before the failed attempt; nothing is half-loaded.
     assert manager.loaded_model_id is None
-    assert (await _load(loaded_client)).status_code == 200  # and loading still works
-
-
-# --- deleting ----------------------------------------------------------------------------
-
-
-async def test_delete_the_loaded_model_is_a_conflict(
-    loaded_client: httpx.AsyncClient, settings: Settings
-) -> None:
-    response = await loaded_client.delete("/models", params={"model_id": EMBEDDED_MODEL_ID})
-    assert response.status_code == 409
-    assert isinstance(response.json()["detail"], str)
-    assert (settings.models_dir / "embedded--tiny-sd" / "model_index.json").is_file()
-    assert len((await loaded_client.get("/models/downloaded")).json()) == 1
-
-
-async def test_delete_a_loading_model_is_a_conflict(
-    client: httpx.AsyncClient, app: FastAPI, settings: Settings
-) -> None:
-    with _pipeline_lock_held(app) as manager:
-        load = _start(_load(client))
-        await wait_until(lambda: manager.loading_model_id == EMBEDDED_MODEL_ID)
-        response = await client.delete("/models", params={"model_id": EMBEDDED_MODEL_ID})
-    assert response.status_code == 409
-    assert (await load).status_code == 200
-    assert (settings.models_dir / "embedded--tiny-sd").is_dir()
-
-
-async def test_delete_an_unknown_model_is_a_bad_request(client: httpx.AsyncClient) -> None:
-    response = await client.delete("/models/", params={"model_id": "nobody/nothing"})
-    assert response.status_code == 400
-    assert "nobody/nothing" in response.json()["detail"]
-
-
-async def test_delete_after_unload_removes_files_and_row(
-    loaded_client: httpx.AsyncClient, settings: Settings
-) -> None:
-    assert (await loaded_client.post("/models/unload")).status_code == 200
-    response = await loaded_client.delete("/models", params={"model_id": EMBEDDED_MODEL_ID})
-    assert response.status_code == 200, response.text
-    assert EMBEDDED_MODEL_ID in response.json()["message"]
-    assert not (settings.models_dir / "embedded--tiny-sd").exists()
-    assert (await loaded_client.get("/models/downloaded")).json() == []
-    # Gone for good: loading it now is "not downloaded", deleting again "unknown".
-    assert (await _load(loaded_client)).status_code == 404
-    again = await loaded_client.delete("/models", params={"model_id": EMBEDDED_MODEL_ID})
-    assert again.status_code == 400
+    assert (await post_load(loaded_client)).status_code == 200  # and loading still works
 
 
 async def test_load_then_unload_sent_together_ends_unloaded(client: httpx.AsyncClient) -> None:
@@ -400,32 +336,3 @@ async def test_load_then_unload_sent_together_ends_unloaded(client: httpx.AsyncC
     assert unload.status_code == 200
     assert load.status_code == 204
     assert (await client.post("/histories", json={"prompt": "x"})).status_code == 400
-
-
-async def test_a_failed_delete_keeps_the_model_folder(app: FastAPI, settings: Settings) -> None:
-    async with app.state.session_factory() as session:
-        # A real database fault: SQLite refuses to delete model rows.
-        await session.execute(
-            text(
-                "CREATE TRIGGER keep_models BEFORE DELETE ON models "
-                "BEGIN SELECT RAISE(ABORT, 'refused'); END"
-            )
-        )
-        await session.commit()
-    folder = settings.models_dir / "embedded--tiny-sd"
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
-        response = await client.delete("/models", params={"model_id": EMBEDDED_MODEL_ID})
-    assert response.status_code == 500
-    assert response.json() == {"detail": "Internal server error"}
-    assert (folder / "model_index.json").is_file()
-    assert [p.name for p in settings.models_dir.iterdir()] == ["embedded--tiny-sd"]
-
-
-async def test_start_up_removes_folders_of_interrupted_deletes(settings: Settings) -> None:
-    leftover = settings.models_dir / ".trash-0123"
-    (leftover / "unet").mkdir(parents=True)
-    application = create_app(settings)
-    async with application.router.lifespan_context(application):
-        assert not leftover.exists()
-        assert (settings.models_dir / "embedded--tiny-sd" / "model_index.json").is_file()
