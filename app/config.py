@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 MiB = 1024 * 1024
@@ -29,6 +29,16 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    allowed_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="Web origins allowed besides http(s)://localhost, 127.0.0.1 and [::1] on "
+        "any port and app://- (the packaged UI); comma-separated; * allows every origin.",
+    )
+    allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="Host names the server answers to besides localhost, 127.0.0.1, [::1] "
+        "and the LOCALAI_HOST address; comma-separated; * allows every name.",
+    )
     device: str = Field(
         default="auto",
         description="auto, cpu, mps, cuda or cuda:N. Overrides the device chosen in the UI.",
@@ -102,6 +112,33 @@ class Settings(BaseSettings):
     def _check_database_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith("sqlite+aiosqlite://"):
             raise ValueError("only SQLite through aiosqlite is supported: sqlite+aiosqlite:///PATH")
+        return value
+
+    @field_validator("allowed_origins", "allowed_hosts", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _check_origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in value:
+            if origin not in ("*", "null") and not re.match(
+                r"^[a-z][a-z0-9+.-]*://[^/?#\s]+$", origin, re.I
+            ):
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], or *)")
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for host in value:
+            if host != "*" and not re.match(
+                r"^(\[[0-9a-fA-F:.]+\]|[^:/\s\[\]]+)(:\d{1,5})?$", host
+            ):
+                raise ValueError(f"{host!r} is not a host name (name, IPv4, [IPv6], or *)")
         return value
 
     @field_validator("huggingface_base_url", "civitai_base_url")

@@ -11,6 +11,7 @@ import socketio
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp
 
 from app.config import Settings, get_settings
 from app.cores.model_manager.embedded_model import build_embedded_model
@@ -33,6 +34,7 @@ from app.features.models.api import router as models_router
 from app.features.styles.api import router as styles_router
 from app.http import TrailingSlashMiddleware, UnexpectedErrorMiddleware, app_error_handler
 from app.logging_setup import configure_logging
+from app.security import AccessPolicy, LocalAccessGuard
 from app.services.events import EventEmitter
 from app.services.storage import GENERATED_IMAGES_URL_PREFIX, Storage
 
@@ -67,6 +69,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.model_manager = models
     app.state.lora_downloads = downloads
     logger.info("Backend ready; cache folder %s", settings.cache_dir.resolve())
+    logger.info(app.state.access_policy.describe())
     try:
         yield
     finally:
@@ -88,16 +91,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     # The UI speaks the websocket transport only (CONTRACT §5). Long-polling is not served:
     # an oversized polling POST was never answered and held its connection (and a shutdown)
-    # forever. Clients send nothing large, so messages are bounded too.
+    # forever. Clients send nothing large, so messages are bounded too. The access guard in
+    # front refuses other origins already; Socket.IO applies the same policy itself too.
+    policy = AccessPolicy.from_settings(settings)
     sio = socketio.AsyncServer(
         async_mode="asgi",
-        cors_allowed_origins="*",
+        cors_allowed_origins=policy.socket_handshake_allowed,
         transports=["websocket"],
         max_http_buffer_size=SOCKET_MAX_MESSAGE_BYTES,
     )
     storage = Storage(settings)
     storage.ensure_dirs()
     app.state.settings = settings
+    app.state.access_policy = policy
     app.state.storage = storage
     app.state.sio = sio
     app.state.events = EventEmitter(sio)
@@ -107,7 +113,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(
         CORSMiddleware,
-        allow_origin_regex=".*",  # any origin, credentials allowed, as the UI expects
+        # Every origin that reaches this far passed the access guard's allowlist (see
+        # ``serve``): it gets CORS with credentials, as the UI expects.
+        allow_origin_regex=".*",
         allow_credentials=True,
         allow_methods=["*"],
         allow_headers=["*"],
@@ -132,7 +140,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def create_asgi_app(settings: Settings | None = None) -> socketio.ASGIApp:
-    """Socket.IO at ``/socket.io/`` in front of the FastAPI app (``uvicorn main:app``)."""
-    app = create_app(settings)
-    return socketio.ASGIApp(app.state.sio, other_asgi_app=app)
+def serve(app: FastAPI) -> ASGIApp:
+    """What answers HTTP: the access guard (Origin and Host allowlists) in front of
+    everything, then Socket.IO at ``/socket.io/``, then the FastAPI app."""
+    routed = socketio.ASGIApp(app.state.sio, other_asgi_app=app)
+    return LocalAccessGuard(routed, app.state.access_policy)
+
+
+def create_asgi_app(settings: Settings | None = None) -> ASGIApp:
+    """The served application (``uvicorn main:app``)."""
+    return serve(create_app(settings))

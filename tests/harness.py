@@ -17,12 +17,11 @@ from typing import Any
 
 import httpx
 import pytest
-import socketio
 import uvicorn
 from fastapi import FastAPI
 
 from app.config import Settings
-from app.main import create_app, create_asgi_app
+from app.main import create_app, create_asgi_app, serve
 
 WAIT_TIMEOUT = 60.0
 """How long a condition may take before the test fails: generous, since it only matters
@@ -33,13 +32,13 @@ when something is broken, and a loaded machine can be many times slower than an 
 async def http_client(
     app: FastAPI, *, raise_app_exceptions: bool = True
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """HTTP through the full ASGI stack (Socket.IO wrapper, middleware, routes).
+    """HTTP through the full ASGI stack (access guard, Socket.IO, middleware, routes).
 
     ``raise_app_exceptions=False`` lets an unhandled server error arrive as the response a
     real client gets, instead of being raised into the test.
     """
     transport = httpx.ASGITransport(
-        app=socketio.ASGIApp(app.state.sio, other_asgi_app=app),
+        app=serve(app),
         raise_app_exceptions=raise_app_exceptions,
     )
     async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:

@@ -18,6 +18,8 @@ _VARIABLES = (
     "DEFAULT_MODEL_ID",
     "LORA_MAX_FILE_SIZE",
     "LOG_LEVEL",
+    "ALLOWED_ORIGINS",
+    "ALLOWED_HOSTS",
 )
 
 
@@ -95,3 +97,29 @@ def test_device_values_accepted(monkeypatch: pytest.MonkeyPatch, value: str, exp
 def test_database_url_overrides_the_default_file(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOCALAI_DATABASE_URL", "sqlite+aiosqlite:////tmp/elsewhere.db")
     assert Settings().resolved_database_url == "sqlite+aiosqlite:////tmp/elsewhere.db"
+
+
+def test_allowed_origins_and_hosts_are_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert (Settings().allowed_origins, Settings().allowed_hosts) == ((), ())
+    monkeypatch.setenv("LOCALAI_ALLOWED_ORIGINS", " https://studio.example, http://tablet:8080 ,")
+    monkeypatch.setenv("LOCALAI_ALLOWED_HOSTS", "workstation.lan,192.168.1.5,[fe80::1]:8000")
+    settings = Settings()
+    assert settings.allowed_origins == ("https://studio.example", "http://tablet:8080")
+    assert settings.allowed_hosts == ("workstation.lan", "192.168.1.5", "[fe80::1]:8000")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("ALLOWED_ORIGINS", "studio.example", "'studio.example' is not an origin"),
+        ("ALLOWED_ORIGINS", "https://studio.example/path", "is not an origin"),
+        ("ALLOWED_HOSTS", "http://workstation.lan", "is not a host name"),
+        ("ALLOWED_HOSTS", "work station", "is not a host name"),
+    ],
+)
+def test_a_malformed_allowlist_entry_stops_the_start(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, says: str
+) -> None:
+    monkeypatch.setenv(f"LOCALAI_{variable}", value)
+    with pytest.raises(ValidationError, match=says):
+        Settings()
