@@ -26,6 +26,7 @@ from app.features.hardware.api import router as hardware_router
 from app.features.health.api import router as health_router
 from app.features.histories import service as histories_service
 from app.features.histories.api import router as histories_router
+from app.features.hub.api import router as hub_router
 from app.features.loras import service as loras_service
 from app.features.loras.api import router as loras_router
 from app.features.loras.downloads.manager import DownloadManager
@@ -126,6 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         config_router,
         hardware_router,
         models_router,
+        hub_router,
         histories_router,
         generators_router,
         styles_router,
