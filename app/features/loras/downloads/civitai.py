@@ -16,8 +16,8 @@ import httpx
 
 from app.exceptions import BadRequestError
 from app.features.loras.downloads.references import CivitAIRef, check_url
-from app.features.loras.downloads.remote import DownloadError, RetryPolicy, Target, get_json
 from app.features.loras.metadata import MAX_TITLE_CHARS, MAX_WORD_CHARS, clean_text
+from app.services.remote_files import DownloadError, RetryPolicy, Target, get_json
 
 SERVICE = "CivitAI"
 LORA_TYPES = frozenset({"lora", "locon", "dora", "lycoris"})

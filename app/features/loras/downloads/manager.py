@@ -33,11 +33,9 @@ from app.exceptions import (
 from app.features.loras import service
 from app.features.loras.downloads import plan as plans
 from app.features.loras.downloads import store
-from app.features.loras.downloads.limits import Limits
 from app.features.loras.downloads.partial_file import PartialFile, in_thread
 from app.features.loras.downloads.record import Download
 from app.features.loras.downloads.references import check_token, parse_request, token_in
-from app.features.loras.downloads.remote import DownloadError, RetryPolicy
 from app.features.loras.downloads.schemas import (
     DownloadSource,
     DownloadState,
@@ -47,7 +45,9 @@ from app.features.loras.downloads.transfer import Transfer
 from app.features.loras.schemas import LoRAInfo
 from app.services.disk_space import disk_full_error, is_disk_full
 from app.services.events import EventEmitter
+from app.services.remote_files import DownloadError, RetryPolicy
 from app.services.storage import Storage
+from app.services.transfer_limits import Limits
 
 logger = logging.getLogger(__name__)
 

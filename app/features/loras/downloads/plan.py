@@ -17,8 +17,8 @@ from app.features.loras.downloads.references import (
     URLRef,
     public_url,
 )
-from app.features.loras.downloads.remote import RetryPolicy, Target
 from app.features.loras.downloads.schemas import DownloadSource
+from app.services.remote_files import RetryPolicy, Target
 
 HUGGING_FACE = "Hugging Face"
 

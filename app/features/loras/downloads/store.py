@@ -13,9 +13,9 @@ from app.database import hooks
 from app.features.loras import file_manager, service
 from app.features.loras.downloads.partial_file import Written, in_thread
 from app.features.loras.downloads.plan import Plan
-from app.features.loras.downloads.remote import DownloadError
 from app.features.loras.metadata import MAX_TRIGGER_WORDS
 from app.features.loras.schemas import LoRAInfo
+from app.services.remote_files import DownloadError
 from app.services.storage import Storage
 
 

@@ -20,10 +20,9 @@ from urllib.parse import unquote
 import httpx
 
 from app.features.loras import file_manager
-from app.features.loras.downloads.limits import Limits, Watchdog
 from app.features.loras.downloads.partial_file import PartialFile, in_thread
 from app.features.loras.downloads.plan import Plan
-from app.features.loras.downloads.remote import (
+from app.services.remote_files import (
     RETRYABLE_ERRORS,
     DownloadError,
     RetryableStatus,
@@ -32,6 +31,7 @@ from app.features.loras.downloads.remote import (
     network_error,
     open_stream,
 )
+from app.services.transfer_limits import Limits, Watchdog
 
 FLUSH_BYTES = 1024 * 1024
 _CONTENT_RANGE = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$", re.IGNORECASE)

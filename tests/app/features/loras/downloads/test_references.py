@@ -16,9 +16,9 @@ from app.features.loras.downloads.references import (
     parse_request,
     public_url,
 )
-from app.features.loras.downloads.remote import Target, network_error, status_error
 from app.features.loras.downloads.schemas import LoRADownloadRequest
 from app.features.loras.downloads.transfer import _disposition_name
+from app.services.remote_files import Target, network_error, status_error
 
 DEFAULTS = Settings()
 

@@ -1,5 +1,6 @@
-"""HTTP for downloads: redirects (bounded, http/https only, the token kept to its site),
-retries with exponential backoff, and messages a user understands for every failure."""
+"""HTTP for downloads (LoRA files, model repositories): redirects (bounded, http/https only,
+the token kept to its site), retries with exponential backoff, and messages a user
+understands for every failure."""
 
 from __future__ import annotations
 
