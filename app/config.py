@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -59,6 +59,24 @@ class Settings(BaseSettings):
     huggingface_base_url: str = Field(
         default="https://huggingface.co",
         description="Where Hugging Face files are fetched (/{repo_id}/resolve/{revision}/{file}).",
+    )
+    huggingface_token: SecretStr | None = Field(
+        default=None,
+        description="Hugging Face access token for gated or private model repositories; "
+        "never logged nor stored. A request's own hf_token takes precedence.",
+    )
+    hub_timeout: float = Field(
+        default=20.0,
+        gt=0,
+        le=600,
+        description="Seconds to connect to the Hugging Face API, or to wait for its answer "
+        "(search, details, the file list of a download).",
+    )
+    model_download_stall_timeout: float = Field(
+        default=300.0,
+        gt=0,
+        description="A model download that receives less than 64 KiB in this many seconds "
+        "fails (a dead or trickling connection).",
     )
     civitai_base_url: str = Field(
         default="https://civitai.com", description="CivitAI site and API (/api/v1/...)."

@@ -27,6 +27,18 @@ class BadRequestError(AppError):
     status_code = 400
 
 
+class UnauthorizedError(AppError):
+    """A remote service needs an access token that was not given, or refused it (401)."""
+
+    status_code = 401
+
+
+class ForbiddenError(AppError):
+    """A remote service refused access with the token given (403)."""
+
+    status_code = 403
+
+
 class NotFoundError(AppError):
     """The named thing does not exist (404)."""
 
@@ -43,6 +55,12 @@ class TooManyRequestsError(AppError):
     """A limit on waiting work is reached: try again once some of it is done (429)."""
 
     status_code = 429
+
+
+class BadGatewayError(AppError):
+    """A remote service failed or could not be reached (502)."""
+
+    status_code = 502
 
 
 class InsufficientStorageError(AppError):

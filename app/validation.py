@@ -38,3 +38,14 @@ ModelId = Annotated[
     str, Field(min_length=1, max_length=512), AfterValidator(_no_control_characters)
 ]
 """A model id: a Hugging Face repo id (``owner/name``) or a name this backend gave a model."""
+
+HubRepoId = Annotated[
+    str,
+    Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$",
+        description="A Hugging Face repository id: owner/name (letters, digits, - _ .).",
+        examples=["stable-diffusion-v1-5/stable-diffusion-v1-5"],
+    ),
+]
+"""A Hugging Face model repository id, as the Hub spells them (never a path: no ``..`` part
+can reach the file system, since each part starts with a letter or digit)."""

@@ -27,11 +27,17 @@ RETRYABLE_ERRORS = (httpx.NetworkError, httpx.TimeoutException, httpx.RemoteProt
 
 
 class DownloadError(Exception):
-    """A download cannot go on; ``detail`` says why, for the user."""
+    """A download cannot go on; ``detail`` says why, for the user. ``status`` and
+    ``error_code`` (Hugging Face's ``X-Error-Code``) are the remote answer that caused it,
+    when one did: callers that answer a request choose their own status from them."""
 
-    def __init__(self, detail: str) -> None:
+    def __init__(
+        self, detail: str, *, status: int | None = None, error_code: str | None = None
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.status = status
+        self.error_code = error_code
 
 
 class RetryableStatus(Exception):
@@ -118,41 +124,42 @@ def status_error(
     status: int, target: Target, url: str, error_code: str | None = None
 ) -> DownloadError:
     """The failure an HTTP status means, worded for the user."""
+    message = _status_message(status, target, url, error_code)
+    return DownloadError(message, status=status, error_code=error_code)
+
+
+def _status_message(status: int, target: Target, url: str, error_code: str | None) -> str:
     server = target.server(url)
     what = target.what
     if error_code in _HF_ERROR_CODES:
         where = f"on {target.service}" if target.service else f"at {server}"
-        return DownloadError(
-            f"Not available {where}: {what} ({_HF_ERROR_CODES[error_code]}; HTTP {status})."
-        )
+        return f"Not available {where}: {what} ({_HF_ERROR_CODES[error_code]}; HTTP {status})."
     if status == 404:
         if target.service:
-            return DownloadError(f"Not found on {target.service}: {what}")
-        return DownloadError(f"Not found: {what} (HTTP 404)")
+            return f"Not found on {target.service}: {what}"
+        return f"Not found: {what} (HTTP 404)"
     if status == 401:
         if target.token:
-            return DownloadError(
+            return (
                 f"{server} refused the token for {what} (HTTP 401): check that it is valid "
                 "and not expired."
             )
-        return DownloadError(
-            f"{what} needs an access token (HTTP 401 from {server}): add a token to the request."
-        )
+        return f"{what} needs an access token (HTTP 401 from {server}): add a token to the request."
     if status == 403:
         if target.token:
-            return DownloadError(
+            return (
                 f"{server} refused access to {what} with this token (HTTP 403): the token "
                 "lacks permission, or the model is gated (accept its terms on the site first)."
             )
-        return DownloadError(
+        return (
             f"{server} refused access to {what} (HTTP 403): it needs an access token that "
             "has permission."
         )
     if status == 429:
-        return DownloadError(f"{server} is limiting requests (HTTP 429); try again later.")
+        return f"{server} is limiting requests (HTTP 429); try again later."
     if status >= 500:
-        return DownloadError(f"{server} failed (HTTP {status}) for {what}; try again later.")
-    return DownloadError(f"{server} answered HTTP {status} for {what}.")
+        return f"{server} failed (HTTP {status}) for {what}; try again later."
+    return f"{server} answered HTTP {status} for {what}."
 
 
 def check_status(response: httpx.Response, target: Target, ok: frozenset[int]) -> None:
@@ -189,7 +196,8 @@ def network_error(error: Exception, url: str, tries: int) -> DownloadError:
     host = urlsplit(url).hostname
     after = f" (tried {tries} times)" if tries > 1 else ""
     if isinstance(error, RetryableStatus):
-        return DownloadError(f"{error.error.detail}{after}")
+        inner = error.error
+        return DownloadError(f"{inner.detail}{after}", status=inner.status)
     if isinstance(error, httpx.ConnectError):
         return DownloadError(
             f"Could not connect to {host}: {_reason(error)}{after}. Check the network connection."

@@ -33,7 +33,7 @@ from app.exceptions import (
 from app.features.loras import service
 from app.features.loras.downloads import plan as plans
 from app.features.loras.downloads import store
-from app.features.loras.downloads.partial_file import PartialFile, in_thread
+from app.features.loras.downloads.partial_file import PartialFile
 from app.features.loras.downloads.record import Download
 from app.features.loras.downloads.references import check_token, parse_request, token_in
 from app.features.loras.downloads.schemas import (
@@ -48,6 +48,7 @@ from app.services.events import EventEmitter
 from app.services.remote_files import DownloadError, RetryPolicy
 from app.services.storage import Storage
 from app.services.transfer_limits import Limits
+from app.services.worker_threads import in_thread
 
 logger = logging.getLogger(__name__)
 

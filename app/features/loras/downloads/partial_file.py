@@ -2,37 +2,21 @@
 
 Its name starts with ``file_manager.TEMP_PREFIX``, so a crash leaves nothing that start-up
 does not remove. The methods block (disk I/O, hashing): call them through
-:func:`in_thread`, which never lets a cancellation overtake a write in progress.
+:func:`app.services.worker_threads.in_thread`, which never lets a cancellation overtake a
+write in progress.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 from app.features.loras.file_manager import LORA_EXTENSION, TEMP_PREFIX
 from app.features.loras.hashes import PayloadHasher
-
-T = TypeVar("T")
-
-
-async def in_thread(function: Callable[..., T], *args: object) -> T:
-    """``function(*args)`` in a worker thread. If the waiting task is cancelled, the call
-    still runs to its end before the cancellation goes on (then the file can be removed)."""
-    future = asyncio.ensure_future(asyncio.to_thread(function, *args))
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        with contextlib.suppress(BaseException):
-            await asyncio.wait([future])
-        raise
 
 
 @dataclass(frozen=True)

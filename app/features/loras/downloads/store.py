@@ -11,12 +11,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.cores.model_manager.model_manager import ModelManager
 from app.database import hooks
 from app.features.loras import file_manager, service
-from app.features.loras.downloads.partial_file import Written, in_thread
+from app.features.loras.downloads.partial_file import Written
 from app.features.loras.downloads.plan import Plan
 from app.features.loras.metadata import MAX_TRIGGER_WORDS
 from app.features.loras.schemas import LoRAInfo
 from app.services.remote_files import DownloadError
 from app.services.storage import Storage
+from app.services.worker_threads import in_thread
 
 
 def check_hash(plan: Plan, written: Written, file_name: str) -> None:

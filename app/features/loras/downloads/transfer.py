@@ -20,7 +20,7 @@ from urllib.parse import unquote
 import httpx
 
 from app.features.loras import file_manager
-from app.features.loras.downloads.partial_file import PartialFile, in_thread
+from app.features.loras.downloads.partial_file import PartialFile
 from app.features.loras.downloads.plan import Plan
 from app.services.remote_files import (
     RETRYABLE_ERRORS,
@@ -32,6 +32,7 @@ from app.services.remote_files import (
     open_stream,
 )
 from app.services.transfer_limits import Limits, Watchdog
+from app.services.worker_threads import in_thread
 
 FLUSH_BYTES = 1024 * 1024
 _CONTENT_RANGE = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$", re.IGNORECASE)
