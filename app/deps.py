@@ -18,6 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.config import Settings
 from app.cores.model_manager.model_manager import ModelManager
 from app.database import hooks
+from app.features.hub.downloads import ModelDownloads
+from app.features.hub.hub_client import HubClient
 from app.features.loras.downloads.manager import DownloadManager
 from app.services.events import EventEmitter
 from app.services.storage import Storage
@@ -53,9 +55,21 @@ async def get_lora_downloads(request: Request) -> DownloadManager:
     return downloads
 
 
+async def get_hub(request: Request) -> HubClient:
+    hub: HubClient = request.app.state.hub
+    return hub
+
+
+async def get_model_downloads(request: Request) -> ModelDownloads:
+    downloads: ModelDownloads = request.app.state.model_downloads
+    return downloads
+
+
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ModelManagerDep = Annotated[ModelManager, Depends(get_model_manager)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 EventsDep = Annotated[EventEmitter, Depends(get_events)]
 LoRADownloadsDep = Annotated[DownloadManager, Depends(get_lora_downloads)]
+HubDep = Annotated[HubClient, Depends(get_hub)]
+ModelDownloadsDep = Annotated[ModelDownloads, Depends(get_model_downloads)]

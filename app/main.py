@@ -27,6 +27,8 @@ from app.features.health.api import router as health_router
 from app.features.histories import service as histories_service
 from app.features.histories.api import router as histories_router
 from app.features.hub.api import router as hub_router
+from app.features.hub.downloads import ModelDownloads, remove_unfinished
+from app.features.hub.hub_client import HubClient
 from app.features.loras import service as loras_service
 from app.features.loras.api import router as loras_router
 from app.features.loras.downloads.manager import DownloadManager
@@ -56,6 +58,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     session_factory = create_session_factory(engine)
     async with session_factory() as session:
         await anyio.to_thread.run_sync(models_service.remove_trash, storage.models_dir)
+        await anyio.to_thread.run_sync(remove_unfinished, storage.models_dir)
         await anyio.to_thread.run_sync(build_embedded_model, storage.embedded_model_dir)
         await models_service.register_embedded_model(session, storage)
         await loras_service.repair_on_startup(session, storage)
@@ -66,15 +69,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     models = ModelManager(events, settings.lora_cache_max_count, settings.lora_cache_max_bytes)
     models.safety_check_enabled = read_user_config(storage).safety_check_enabled
     downloads = DownloadManager(settings, storage, session_factory, events, models)
+    hub = HubClient(settings)
+    model_downloads = ModelDownloads(settings, storage, session_factory, events, hub)
     app.state.session_factory = session_factory
     app.state.model_manager = models
     app.state.lora_downloads = downloads
+    app.state.hub = hub
+    app.state.model_downloads = model_downloads
     logger.info("Backend ready; cache folder %s", settings.cache_dir.resolve())
     logger.info(app.state.access_policy.describe())
     try:
         yield
     finally:
         await downloads.aclose()  # cancels running downloads, removes their temporary files
+        await model_downloads.aclose()
+        await hub.aclose()
         await anyio.to_thread.run_sync(models.shutdown)
         await events.stop()
         await engine.dispose()

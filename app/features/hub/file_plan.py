@@ -159,6 +159,11 @@ def _repo_file(sibling: RepoSibling, variant: str | None) -> RepoFile:
     )
 
 
+def model_index_file(info: ModelInfo) -> RepoFile:
+    sibling = next(s for s in info.siblings or [] if s.rfilename == MODEL_INDEX)
+    return _repo_file(sibling, None)
+
+
 def _directly_in(name: str, component: str) -> bool:
     parts = PurePosixPath(name).parts
     return len(parts) == 2 and parts[0] == component

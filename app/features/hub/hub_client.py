@@ -9,7 +9,7 @@ and cannot be cancelled).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import quote, urlencode
 
 import httpx
@@ -24,12 +24,12 @@ from app.exceptions import (
     TooManyRequestsError,
     UnauthorizedError,
 )
+from app.features.hub.schemas import SearchSort
 from app.features.loras.downloads.references import check_token
 from app.services.remote_files import DownloadError, RetryPolicy, Target, get_json
 
 HUGGING_FACE = "Hugging Face"
 USER_AGENT = "localai-backend (model downloads)"
-SearchSort = Literal["likes", "downloads", "trending", "created", "modified"]
 _SORT_FIELDS: dict[SearchSort, str] = {
     "likes": "likes",
     "downloads": "downloads",

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.validation import HubRepoId
+
 # --- recommendations -------------------------------------------------------------------
 
 SectionId = Literal["high-performance", "standard", "lightweight"]
@@ -52,3 +54,66 @@ class Recommendations(BaseModel):
 
 
 # --- search, details, downloads --------------------------------------------------------
+
+SearchSort = Literal["likes", "downloads", "trending", "created", "modified"]
+
+
+class ModelSearchEntry(BaseModel):
+    id: str
+    author: str | None = None
+    likes: int | None = None
+    trending_score: float | None = None
+    downloads: int = 0
+    tags: list[str] = Field(default_factory=list)
+    is_downloaded: bool
+    size_mb: float | None = None
+    description: str | None = None
+
+
+class ModelSearchResponse(BaseModel):
+    models_search_info: list[ModelSearchEntry]
+
+
+class RepoFileInfo(BaseModel):
+    """One file of a repository (the Hub's ``siblings[]``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    rfilename: str
+    size: int | None = None
+
+
+class ModelDetails(BaseModel):
+    """The Hub's model info, passed through: the fields the UI reads are typed, the rest
+    (card data, config, dates...) travels as the Hub sent it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    author: str | None = None
+    downloads: int = 0
+    likes: int = 0
+    tags: list[str] = Field(default_factory=list)
+    spaces: list[str] = Field(default_factory=list)
+    siblings: list[RepoFileInfo] = Field(default_factory=list)
+    is_downloaded: bool = False
+
+
+class DownloadRequest(BaseModel):
+    model_id: HubRepoId
+    hf_token: str | None = Field(
+        default=None,
+        max_length=1000,
+        description="Hugging Face access token for a gated or private repository; used for "
+        "this download only, never stored or logged.",
+    )
+
+
+class DownloadResponse(BaseModel):
+    model_id: str
+    path: str
+    message: str
+
+
+class DownloadCancelResponse(BaseModel):
+    message: str

@@ -44,7 +44,9 @@ def _hub_cache_folder(model_id: str) -> str | None:
         return None
 
 
-async def _resolve_source(session: AsyncSession, model_id: str) -> str:
+async def _resolve_source(session: AsyncSession, model_id: str, found: list[str]) -> str:
+    """The folder to load ``model_id`` from; a Hugging Face cache folder is also put in
+    ``found``, to be listed once it has loaded."""
     row = await crud.get_model(session, model_id)
     if row is not None:
         if not (Path(row.model_dir) / "model_index.json").is_file():
@@ -56,6 +58,7 @@ async def _resolve_source(session: AsyncSession, model_id: str) -> str:
     cached = await anyio.to_thread.run_sync(_hub_cache_folder, model_id)
     if cached is None:
         raise NotFoundError(f"Model {model_id} is not downloaded on this machine.")
+    found.append(cached)
     return cached
 
 
@@ -71,11 +74,14 @@ async def load_model(
     def device_for_load() -> object:
         return resolve_device(settings.device, read_user_config(storage).device_index)
 
+    from_hub_cache: list[str] = []
     loaded = await models.load(
-        model_id, partial(_resolve_source, session, model_id), device_for_load
+        model_id, partial(_resolve_source, session, model_id, from_hub_cache), device_for_load
     )
     if loaded is None:
         return None
+    if from_hub_cache:  # listed from now on; deleting it later removes the row, not the cache
+        await crud.upsert_model(session, model_id, from_hub_cache[0])
     return LoadModelResponse(
         model_id=loaded.model_id, config=loaded.config, sample_size=loaded.sample_size
     )
