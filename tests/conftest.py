@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from app.config import EMBEDDED_MODEL_ID, Settings
 from app.cores.model_manager.embedded_model import build_embedded_model
 from app.main import create_app
+from tests.factories.hub_repos import write_sd15_repo, write_sdxl_repo
 from tests.harness import SmallDisk, http_client, small_disk
 
 
@@ -22,6 +23,20 @@ from tests.harness import SmallDisk, http_client, small_disk
 def embedded_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The embedded default model as a diffusers folder (the same bytes the server writes)."""
     return build_embedded_model(tmp_path_factory.mktemp("models") / "embedded--tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def sd15_repo_dir(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path) -> Path:
+    """An SD 1.5-shaped Hub repository (fp32 + fp16 weights) whose images differ from the
+    embedded model's; read-only for tests (the fake Hub serves it)."""
+    folder = tmp_path_factory.mktemp("hub") / "sd15"
+    return write_sd15_repo(folder, seed=15, embedded=embedded_model_dir)
+
+
+@pytest.fixture(scope="session")
+def sdxl_repo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SDXL-shaped Hub repository (fp32 + fp16 weights); read-only for tests."""
+    return write_sdxl_repo(tmp_path_factory.mktemp("hub") / "sdxl", seed=1)
 
 
 @pytest.fixture

@@ -8,8 +8,11 @@
 * CivitAI (``civitai_version``, ``civitai_model``): ``/civitai/api/v1/model-versions/{id}``
   and ``/civitai/api/v1/models/{id}`` with the documented JSON shapes, and
   ``/civitai/api/download/models/{id}`` redirecting to a storage path.
+* The Hugging Face Hub (``hub_repo``, ``hub_search_entry``) under ``/hub``: model info,
+  model search and whole diffusers repositories (see ``tests/fake_hub.py``).
 
-Every request is recorded (method, path, headers) for the tests to inspect.
+GET and HEAD are answered (HEAD: the same headers, no body, never held or cut). Every
+request is recorded (method, path with query, headers) for the tests to inspect.
 """
 
 from __future__ import annotations
@@ -18,12 +21,16 @@ import hashlib
 import json
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+if TYPE_CHECKING:
+    from tests.fake_hub import HubListing, HubRepo
 
 
 @dataclass
@@ -55,6 +62,23 @@ class Recorded:
     headers: dict[str, str]
 
 
+@dataclass(frozen=True)
+class Answer:
+    """A route's answer: a small body, or a file (``served``) with its Range handling."""
+
+    status: int = 200
+    body: bytes = b""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    served: Served | None = None
+
+    @classmethod
+    def json(
+        cls, document: Any, status: int = 200, headers: Mapping[str, str] | None = None
+    ) -> Answer:
+        content = {"Content-Type": "application/json"} | dict(headers or {})
+        return cls(status, json.dumps(document).encode(), content)
+
+
 @dataclass
 class FakeRemote:
     base_url: str = ""
@@ -65,6 +89,8 @@ class FakeRemote:
     tokens: dict[str, str] = field(default_factory=dict)
     """path -> the token it needs (401 without one, 403 with another)."""
     requests: list[Recorded] = field(default_factory=list)
+    hub: dict[str, HubListing] = field(default_factory=dict)
+    """repo id -> what the fake Hub knows of it (a ``HubRepo`` when it has files)."""
     stopping: threading.Event = field(default_factory=threading.Event)
 
     def url(self, path: str) -> str:
@@ -147,6 +173,63 @@ class FakeRemote:
         self.serve(storage, data, **options)
         return document
 
+    def hub_repo(
+        self,
+        repo_id: str,
+        folder: Path,
+        *,
+        commit: str | None = None,
+        gated_token: str | None = None,
+        decoys: bool = True,
+        cdn: bool = True,
+        likes: int = 0,
+        downloads: int = 0,
+        **file_options: Any,
+    ) -> HubRepo:
+        """A Hub repository holding every file under ``folder`` (and, with ``decoys``, what
+        a downloader must leave alone); ``file_options`` are ``Served`` options for every
+        file, ``HubRepo.configure`` sets them on one."""
+        from tests.fake_hub import new_repo  # it builds on this module's types
+
+        repo = new_repo(
+            self,
+            repo_id,
+            folder,
+            commit=commit,
+            gated_token=gated_token,
+            decoys=decoys,
+            **file_options,
+        )
+        repo.cdn, repo.likes, repo.downloads = cdn, likes, downloads
+        self.hub[repo_id] = repo
+        return repo
+
+    def hub_search_entry(
+        self,
+        repo_id: str,
+        *,
+        likes: int = 0,
+        downloads: int = 0,
+        trending_score: int = 0,
+        tags: tuple[str, ...] = ("diffusers", "safetensors", "text-to-image"),
+        pipeline_tag: str | None = "text-to-image",
+        library_name: str | None = "diffusers",
+    ) -> HubListing:
+        """A model the search lists but whose info and files the Hub does not have."""
+        from tests.fake_hub import HubListing
+
+        entry = HubListing(
+            repo_id=repo_id,
+            likes=likes,
+            downloads=downloads,
+            trending_score=trending_score,
+            tags=list(tags),
+            pipeline_tag=pipeline_tag,
+            library_name=library_name,
+        )
+        self.hub[repo_id] = entry
+        return entry
+
     def civitai_model(self, model_id: int, versions: list[dict[str, Any]]) -> None:
         self.documents[f"/civitai/api/v1/models/{model_id}"] = {
             "id": model_id,
@@ -164,12 +247,24 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
+        self._respond()
+
+    def do_HEAD(self) -> None:
+        self._respond()
+
+    def _respond(self) -> None:
+        from tests.fake_hub import hub_answer  # it builds on this module's types
+
         remote = self.server.remote
-        remote.requests.append(Recorded("GET", self.path, dict(self.headers.items())))
+        headers = dict(self.headers.items())
+        remote.requests.append(Recorded(self.command, self.path, headers))
         path = unquote(urlsplit(self.path).path)
-        if path in remote.tokens and not self._authorized(remote.tokens[path]):
+        answer = hub_answer(remote, self.path, headers)
+        if answer is not None:
+            self._send(answer)
+        elif path in remote.tokens and not self._authorized(remote.tokens[path]):
             return
-        if path in remote.statuses:
+        elif path in remote.statuses:
             self._small(remote.statuses[path], b'{"error": "as configured"}')
         elif path in remote.redirects:
             self.send_response(302)
@@ -192,24 +287,36 @@ class _Handler(BaseHTTPRequestHandler):
         return False
 
     def _small(self, status: int, body: bytes, content_type: str = "application/json") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self._send(Answer(status, body, {"Content-Type": content_type}))
 
-    def _file(self, served: Served) -> None:
-        if served.hold is not None and not self._released(served.hold):
+    def _send(self, answer: Answer) -> None:
+        if answer.served is not None:
+            self._file(answer.served, answer.headers)
             return
-        data, start = served.data, 0
-        asked = self.headers.get("Range", "")
-        if served.ranges and asked.startswith("bytes=") and asked.endswith("-"):
-            start = int(asked[len("bytes=") : -1])
+        self.send_response(answer.status)
+        for name, value in answer.headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(answer.body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(answer.body)
+
+    def _file(self, served: Served, headers: Mapping[str, str] | None = None) -> None:
+        head = self.command == "HEAD"
+        if not head and served.hold is not None and not self._released(served.hold):
+            return
+        data = served.data
+        span = _range(self.headers.get("Range", ""), len(data)) if served.ranges else None
+        if span is not None:
+            start, end = span
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
         else:
             self.send_response(200)
-        body = data[start:]
+            start, end = 0, len(data)
+        body = data[start:end]
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         if served.ranges:
             self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Type", served.content_type)
@@ -224,6 +331,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
+        if head:
+            return
         cut = served.drop_after if start == 0 or served.drop_always else None
         if cut is not None:
             if not served.drop_always:
@@ -249,6 +358,15 @@ class _Handler(BaseHTTPRequestHandler):
             if stopping.is_set():
                 return False
         return True
+
+
+def _range(asked: str, size: int) -> tuple[int, int] | None:
+    """``bytes=start-`` or ``bytes=start-end`` (inclusive) as a slice; None for anything else."""
+    first, dash, last = asked.removeprefix("bytes=").partition("-")
+    if not asked.startswith("bytes=") or not dash or not first.isdigit():
+        return None
+    end = min(int(last) + 1, size) if last.isdigit() else size
+    return int(first), end
 
 
 def _chunks(body: bytes, served: Served) -> Iterator[bytes]:

@@ -14,7 +14,7 @@ import pytest
 
 from app.config import Settings
 from tests.app.features.loras.conftest import LoRASources
-from tests.app.features.loras.downloads.fake_remote import FakeRemote, running_remote
+from tests.fake_remote import FakeRemote, running_remote
 from tests.harness import WAIT_TIMEOUT
 
 FINISHED = {"completed", "failed", "cancelled"}

@@ -11,7 +11,7 @@ import pytest
 import socketio
 
 from app.config import Settings
-from tests.app.features.loras.downloads.fake_remote import FakeRemote
+from tests.fake_remote import FakeRemote
 from tests.harness import WAIT_TIMEOUT, live_server, wait_until_sync
 
 TIMEOUT = WAIT_TIMEOUT  # a bound for a broken run, not a speed target

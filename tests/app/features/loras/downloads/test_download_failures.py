@@ -18,7 +18,7 @@ from tests.app.features.loras.downloads.conftest import (
     start,
     wait_for,
 )
-from tests.app.features.loras.downloads.fake_remote import FakeRemote, closed_port_url
+from tests.fake_remote import FakeRemote, closed_port_url
 from tests.harness import SmallDisk, running_app
 
 Events = list[tuple[str, dict[str, Any]]]

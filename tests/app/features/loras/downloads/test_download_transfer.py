@@ -21,7 +21,7 @@ from tests.app.features.loras.downloads.conftest import (
     start,
     wait_for,
 )
-from tests.app.features.loras.downloads.fake_remote import FakeRemote
+from tests.fake_remote import FakeRemote
 from tests.harness import running_app
 
 
