@@ -87,6 +87,7 @@ class ModelDownloads:
         self.events = events
         self.hub = hub
         self._running: dict[str, asyncio.Task[DownloadedRepo]] = {}
+        self._waiting: dict[str, int] = {}
 
     async def download(self, model_id: str, hf_token: str | None) -> DownloadedRepo:
         token = self.hub.token(hf_token)
@@ -98,12 +99,21 @@ class ModelDownloads:
             task = asyncio.create_task(self._run(model_id, token), name=f"download {model_id}")
             self._running[model_id] = task
             task.add_done_callback(lambda done: self._finished(model_id, done))
+        self._waiting[model_id] = self._waiting.get(model_id, 0) + 1
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             if task.cancelled():  # cancelled by DELETE /downloads, not by this request's end
                 raise ConflictError(f"The download of {model_id} was cancelled.") from None
             raise
+        finally:
+            self._waiting[model_id] -= 1
+            if not self._waiting[model_id]:
+                del self._waiting[model_id]
+
+    def waiting(self, model_id: str) -> int:
+        """Requests waiting for the download of ``model_id`` (for logs and tests)."""
+        return self._waiting.get(model_id, 0)
 
     async def cancel(self, model_id: str) -> None:
         task = self._running.get(model_id)
@@ -227,10 +237,14 @@ class ModelDownloads:
         if free < needed + FREE_SPACE_MARGIN:
             raise InsufficientStorageError(
                 f"Not enough disk space for {plan.repo_id}: its files take "
-                f"{needed / GB:.2f} GB, and only {free / GB:.2f} GB are free on the drive "
-                f"that holds {self.storage.models_dir.resolve()}. Free some space, then try "
-                "again."
+                f"{_size_text(needed)}, and only {_size_text(free)} are free on the drive "
+                f"that holds {self.storage.models_dir.resolve()} (keeping "
+                f"{_size_text(FREE_SPACE_MARGIN)} spare). Free some space, then try again."
             )
+
+
+def _size_text(count: int) -> str:
+    return f"{count / GB:.2f} GB" if count >= GB else f"{count / 1000**2:.1f} MB"
 
 
 def _replace_folder(source: Path, target: Path) -> None:
