@@ -31,6 +31,7 @@ from schemathesis.specs.openapi.checks import response_schema_conformance
 from app.config import EMBEDDED_MODEL_ID, Settings
 from app.main import create_app
 from tests.factories import lora_files
+from tests.fake_remote import running_remote
 from tests.harness import WAIT_TIMEOUT, live_server
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "20"))
@@ -134,7 +135,7 @@ def server(
         # The UI's device choice (PUT /config/device, fuzzed too) must not send loads to a GPU
         # that is not there: the generations need the model.
         device="cpu",
-        huggingface_base_url=CLOSED_PORT_URL,
+        huggingface_base_url=CLOSED_PORT_URL,  # replaced by the fake Hub below
         civitai_base_url=CLOSED_PORT_URL,
         lora_download_attempts=1,
         lora_download_retry_delay=0,
@@ -160,7 +161,16 @@ def server(
             env.setenv(name.lower(), CLOSED_PORT_URL)
         env.setenv("NO_PROXY", "127.0.0.1")
         env.setenv("no_proxy", "127.0.0.1")
-        with live_server(settings) as base_url, requests.Session() as http:
+        # The Hub answers (a fake one on loopback: no repository exists there, the search
+        # finds nothing): a closed port would make every hub route a 502, which is right for
+        # a machine without network but hides what the routes do with their input.
+        with (
+            running_remote() as remote,
+            live_server(
+                settings.model_copy(update={"huggingface_base_url": remote.url("/hub")})
+            ) as base_url,
+            requests.Session() as http,
+        ):
             lora_ids = []
             for path in lora_paths:
                 response = http.post(
