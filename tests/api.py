@@ -83,3 +83,9 @@ async def upload_lora(client: httpx.AsyncClient, path: Path) -> int:
     assert response.status_code == 201, response.text
     lora_id: int = response.json()["id"]
     return lora_id
+
+
+async def downloaded_models(client: httpx.AsyncClient) -> dict[str, str]:
+    """``GET /models/downloaded`` as model id -> folder."""
+    rows = (await client.get("/models/downloaded")).json()
+    return {row["model_id"]: row["model_dir"] for row in rows}

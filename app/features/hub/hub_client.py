@@ -55,8 +55,15 @@ def hub_error(error: DownloadError) -> AppError:
 
 
 def parse_model_info(document: dict[str, Any]) -> ModelInfo:
-    """huggingface_hub's parser (it knows every field's spelling across API versions)."""
-    return ModelInfo(**document)  # type: ignore[no-untyped-call]  # kwargs-only, untyped
+    """huggingface_hub's parser (it knows every field's spelling across API versions); an
+    answer it cannot read is the Hub's fault (502), not ours."""
+    try:
+        return ModelInfo(**document)  # type: ignore[no-untyped-call]  # kwargs-only, untyped
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        shown = str(document.get("id", "a model"))[:200]
+        raise BadGatewayError(
+            f"{HUGGING_FACE} sent model information that cannot be read for {shown} ({error!r})."
+        ) from None
 
 
 class HubClient:

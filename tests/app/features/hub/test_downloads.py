@@ -15,7 +15,7 @@ import pytest
 from fastapi import FastAPI
 
 from app.config import EMBEDDED_MODEL_ID, Settings
-from tests.api import image
+from tests.api import downloaded_models, image
 from tests.app.features.hub.conftest import Event
 from tests.fake_hub import HubRepo
 from tests.fake_remote import FakeRemote, closed_port_url
@@ -43,11 +43,6 @@ async def download(client: httpx.AsyncClient, model_id: str, **body: str) -> htt
     return await client.post("/downloads", json={"model_id": model_id, **body})
 
 
-async def listed(client: httpx.AsyncClient) -> dict[str, str]:
-    rows = (await client.get("/models/downloaded")).json()
-    return {row["model_id"]: row["model_dir"] for row in rows}
-
-
 async def test_a_download_fetches_only_the_pipeline_and_the_model_generates(
     client: httpx.AsyncClient,
     remote: FakeRemote,
@@ -72,7 +67,7 @@ async def test_a_download_fetches_only_the_pipeline_and_the_model_generates(
     for name in pipeline_files(repo):
         assert (folder / name).read_bytes() == repo.files[name].served.data, name
     assert leftovers(settings) == []
-    assert (await listed(client))[REPO] == str(folder)
+    assert (await downloaded_models(client))[REPO] == str(folder)
     _assert_progress(events, repo)
 
     embedded = await _first_image(client, EMBEDDED_MODEL_ID)
@@ -168,7 +163,7 @@ async def test_a_second_request_joins_the_running_download(
     assert answers[1].json()["message"] == f"Model {REPO} downloaded successfully."
     gets = [r for r in remote.requests if r.method == "GET" and "model_index.json" in r.path]
     assert len(gets) == 1
-    assert list(await listed(client)).count(REPO) == 1
+    assert list(await downloaded_models(client)).count(REPO) == 1
 
 
 async def test_cancel_stops_the_download_and_leaves_nothing(
@@ -196,7 +191,7 @@ async def test_cancel_stops_the_download_and_leaves_nothing(
         released.set()
     assert leftovers(settings) == []
     assert not (settings.models_dir / "test-org--tiny-sd15").exists()
-    assert REPO not in await listed(client)
+    assert REPO not in await downloaded_models(client)
     assert ("download_cancelled", {"model_id": REPO}) in events
     nothing = await client.delete(f"/downloads/{REPO}")
     assert nothing.status_code == 404
@@ -223,7 +218,7 @@ async def test_unknown_and_gated_repositories_are_refused(
     assert response.status_code == status, response.text
     assert says in response.json()["detail"]
     assert leftovers(settings) == []
-    assert model_id not in await listed(client)
+    assert model_id not in await downloaded_models(client)
 
 
 async def test_a_gated_repository_downloads_with_its_token(
@@ -276,7 +271,7 @@ async def test_too_little_disk_space_is_a_507_with_the_sizes(
         assert detail.startswith(f"Not enough disk space for {REPO}: its files take ")
         assert "MB are free" in detail
         assert leftovers(hub) == []
-        assert REPO not in await listed(client)
+        assert REPO not in await downloaded_models(client)
 
 
 async def test_a_disk_that_fills_during_the_download_is_a_507(
@@ -292,7 +287,7 @@ async def test_a_disk_that_fills_during_the_download_is_a_507(
         assert response.status_code == 507, response.text
         assert response.json()["detail"].startswith("The disk is full")
         assert leftovers(hub) == []
-        assert REPO not in await listed(client)
+        assert REPO not in await downloaded_models(client)
 
 
 async def test_a_downloaded_model_is_deleted_with_its_folder(
@@ -306,7 +301,7 @@ async def test_a_downloaded_model_is_deleted_with_its_folder(
     deleted = await client.delete("/models", params={"model_id": REPO})
 
     assert deleted.status_code == 200, deleted.text
-    assert REPO not in await listed(client)
+    assert REPO not in await downloaded_models(client)
     await wait_until(lambda: not any(settings.models_dir.glob("*tiny-sd15*")), what="removal")
 
 
