@@ -39,13 +39,21 @@ ModelId = Annotated[
 ]
 """A model id: a Hugging Face repo id (``owner/name``) or a name this backend gave a model."""
 
+def _hub_repo_id(value: str) -> str:
+    if "--" in value or ".." in value:
+        raise ValueError("a Hugging Face repository id contains no '--' and no '..'")
+    return value
+
+
 HubRepoId = Annotated[
     str,
+    AfterValidator(_hub_repo_id),
     Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$",
         description="A Hugging Face repository id: owner/name (letters, digits, - _ .).",
         examples=["stable-diffusion-v1-5/stable-diffusion-v1-5"],
     ),
 ]
-"""A Hugging Face model repository id, as the Hub spells them (never a path: no ``..`` part
-can reach the file system, since each part starts with a letter or digit)."""
+"""A Hugging Face model repository id, as the Hub allows them: never a path (each part starts
+with a letter or digit, no ``..``), and no ``--``, so that ``owner--name``, the folder a
+download goes to, names one repository only."""

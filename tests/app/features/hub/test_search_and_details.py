@@ -78,8 +78,9 @@ async def test_details_of_an_unknown_model_is_a_404(client: httpx.AsyncClient) -
     response = await client.get("/models/details", params={"model_id": "nobody/nothing"})
     assert response.status_code == 404
     assert "does not exist" in response.json()["detail"]
-    bad = await client.get("/models/details", params={"model_id": "../etc/passwd"})
-    assert bad.status_code == 422
+    for bad_id in ("../etc/passwd", "org/a..b", "org--a/b", "org/a/b", "no-owner"):
+        bad = await client.get("/models/details", params={"model_id": bad_id})
+        assert bad.status_code == 422, bad_id
 
 
 async def test_the_hub_out_of_reach_is_a_502_that_says_so(settings: Settings) -> None:
