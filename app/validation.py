@@ -11,11 +11,26 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Path
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field
 
 MAX_DATABASE_ID = 2**63 - 1
 
-DatabaseId = Annotated[int, Field(ge=0, le=MAX_DATABASE_ID)]
+
+def _not_a_boolean(value: object) -> object:
+    # Pydantic's lax mode reads true/false as 1/0; a slider value or a size sent as a
+    # boolean is a client bug, to be told, not a weight of 1.
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true or false")
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_not_a_boolean)]
+"""A float in a request body: any JSON number, never a boolean."""
+
+Integer = Annotated[int, BeforeValidator(_not_a_boolean)]
+"""An int in a request body: never a boolean."""
+
+DatabaseId = Annotated[Integer, Field(ge=0, le=MAX_DATABASE_ID)]
 """A row id in a request body."""
 
 DatabaseIdPath = Annotated[int, Path(ge=0, le=MAX_DATABASE_ID)]

@@ -82,6 +82,15 @@ ODD_INPUT = [
         422,
         "less than or equal",
     ),
+    # Booleans are not numbers (pydantic's lax mode would read true as a weight of 1).
+    (
+        "post",
+        "/histories",
+        {"json": {"prompt": "x", "loras": [{"lora_id": 1, "weight": True}]}},
+        422,
+        "not true or false",
+    ),
+    ("post", "/histories", {"json": {"prompt": "x", "steps": False}}, 422, "not true or false"),
 ]
 
 

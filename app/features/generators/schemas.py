@@ -5,7 +5,7 @@ from pydantic import BaseModel, Field, field_validator
 from app.features.config.upscalers import Upscaler
 from app.features.generators.samplers import Sampler
 from app.features.loras.schemas import MAX_LORAS_PER_GENERATION, LoRAConfigItem
-from app.validation import DatabaseId
+from app.validation import DatabaseId, Integer, Number
 
 DEFAULT_NEGATIVE_PROMPT = (
     "worst quality, low quality, normal quality, lowres, blurry, jpeg artifacts, watermark, "
@@ -16,10 +16,10 @@ MAX_IMAGES = 16
 
 
 class HiresFixConfig(BaseModel):
-    upscale_factor: float = Field(ge=1.5, le=4.0)
+    upscale_factor: Number = Field(ge=1.5, le=4.0)
     upscaler: Upscaler
-    denoising_strength: float = Field(ge=0.0, le=1.0)
-    steps: int = Field(ge=0, le=150, description="0 reuses the main pass's steps.")
+    denoising_strength: Number = Field(ge=0.0, le=1.0)
+    steps: Integer = Field(ge=0, le=150, description="0 reuses the main pass's steps.")
 
 
 class GeneratorConfig(BaseModel):
@@ -31,14 +31,14 @@ class GeneratorConfig(BaseModel):
 
     prompt: str = Field(max_length=1000)
     negative_prompt: str = Field(default=DEFAULT_NEGATIVE_PROMPT, max_length=1000)
-    width: int = Field(default=512, ge=64, le=MAX_SIDE)
-    height: int = Field(default=512, ge=64, le=MAX_SIDE)
-    number_of_images: int = Field(default=1, ge=1, le=MAX_IMAGES)
-    cfg_scale: float = Field(default=7.5, ge=1.0, le=30.0)
-    steps: int = Field(default=24, ge=1, le=150)
-    seed: int = Field(default=-1, ge=-1, le=2**32 - 1, description="-1 picks a random seed.")
+    width: Integer = Field(default=512, ge=64, le=MAX_SIDE)
+    height: Integer = Field(default=512, ge=64, le=MAX_SIDE)
+    number_of_images: Integer = Field(default=1, ge=1, le=MAX_IMAGES)
+    cfg_scale: Number = Field(default=7.5, ge=1.0, le=30.0)
+    steps: Integer = Field(default=24, ge=1, le=150)
+    seed: Integer = Field(default=-1, ge=-1, le=2**32 - 1, description="-1 picks a random seed.")
     sampler: Sampler = Sampler.EULER_A
-    clip_skip: int = Field(default=1, ge=1, le=12)
+    clip_skip: Integer = Field(default=1, ge=1, le=12)
     styles: list[str] = Field(default_factory=list, max_length=50)
     loras: list[LoRAConfigItem] = Field(default_factory=list, max_length=MAX_LORAS_PER_GENERATION)
     hires_fix: HiresFixConfig | None = None

@@ -5,7 +5,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
-from app.validation import DatabaseId
+from app.validation import DatabaseId, Number
 
 MAX_LORAS_PER_GENERATION = 5
 
@@ -19,9 +19,9 @@ class LoRAConfigItem(BaseModel):
     weights override it for the UNet (or transformer) and for the text encoder(s)."""
 
     lora_id: DatabaseId
-    weight: float = Field(default=1.0, ge=0.0, le=2.0)
-    unet_weight: float | None = Field(default=None, ge=0.0, le=2.0)
-    text_encoder_weight: float | None = Field(default=None, ge=0.0, le=2.0)
+    weight: Number = Field(default=1.0, ge=0.0, le=2.0)
+    unet_weight: Number | None = Field(default=None, ge=0.0, le=2.0)
+    text_encoder_weight: Number | None = Field(default=None, ge=0.0, le=2.0)
 
     @model_serializer(mode="wrap")
     def _as_sent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
