@@ -54,6 +54,7 @@ ModelId = Annotated[
 ]
 """A model id: a Hugging Face repo id (``owner/name``) or a name this backend gave a model."""
 
+
 def _hub_repo_id(value: str) -> str:
     if "--" in value or ".." in value:
         raise ValueError("a Hugging Face repository id contains no '--' and no '..'")
