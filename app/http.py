@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.exceptions import AppError
@@ -38,6 +39,28 @@ class TrailingSlashMiddleware:
                 if raw:
                     scope["raw_path"] = raw.rstrip(b"/") or b"/"
         await self.app(scope, receive, send)
+
+
+class ErrorDetail(BaseModel):
+    """Every handled error: one sentence for the person using the UI."""
+
+    detail: str
+
+
+def error_response(description: str) -> dict[str, Any]:
+    return {"model": ErrorDetail, "description": description}
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: error_response("The request cannot be served as asked; `detail` says why."),
+    403: error_response("The request's Origin or Host is not allowed (see LOCALAI_ALLOWED_*)."),
+    404: error_response("The named thing does not exist."),
+    409: error_response("The request clashes with the current state."),
+    429: error_response("Too much work is waiting; try again once some of it is done."),
+    500: error_response("A bug or an environment fault (logged in full); no internals."),
+    507: error_response("The disk is full; nothing of the change was kept."),
+}
+"""The error answers any route may give, documented once for the whole API."""
 
 
 async def app_error_handler(_request: Request, error: Exception) -> JSONResponse:

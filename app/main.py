@@ -35,7 +35,12 @@ from app.features.loras.downloads.manager import DownloadManager
 from app.features.models import service as models_service
 from app.features.models.api import router as models_router
 from app.features.styles.api import router as styles_router
-from app.http import TrailingSlashMiddleware, UnexpectedErrorMiddleware, app_error_handler
+from app.http import (
+    ERROR_RESPONSES,
+    TrailingSlashMiddleware,
+    UnexpectedErrorMiddleware,
+    app_error_handler,
+)
 from app.logging_setup import configure_logging
 from app.security import AccessPolicy, LocalAccessGuard
 from app.services.events import EventEmitter
@@ -98,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Local image generation with first-class LoRA support.",
         lifespan=lifespan,
         redirect_slashes=False,
+        responses=ERROR_RESPONSES,
     )
     # The UI speaks the websocket transport only (CONTRACT §5). Long-polling is not served:
     # an oversized polling POST was never answered and held its connection (and a shutdown)

@@ -18,7 +18,7 @@ from app.features.hub.schemas import (
     Recommendations,
     SearchSort,
 )
-from app.http import StrictJSONRoute
+from app.http import StrictJSONRoute, error_response
 from app.validation import HubRepoId
 
 router = APIRouter(tags=["hub"], route_class=StrictJSONRoute)
@@ -61,11 +61,11 @@ async def model_details(
 @router.post(
     "/downloads",
     responses={
-        401: {"description": "The repository is gated or private: a token is needed."},
-        404: {"description": "No such repository on the Hub."},
-        409: {"description": "The download was cancelled."},
-        502: {"description": "The Hub failed or could not be reached."},
-        507: {"description": "Not enough disk space."},
+        401: error_response("The repository is gated or private: a token is needed."),
+        404: error_response("No such repository on the Hub."),
+        409: error_response("The download was cancelled."),
+        502: error_response("The Hub failed or could not be reached."),
+        507: error_response("Not enough disk space (the sizes are in `detail`)."),
     },
 )
 async def download_model(body: DownloadRequest, downloads: ModelDownloadsDep) -> DownloadResponse:
