@@ -65,12 +65,13 @@ class Settings(BaseSettings):
         description="Hugging Face access token for gated or private model repositories; "
         "never logged nor stored. A request's own hf_token takes precedence.",
     )
-    hub_timeout: float = Field(
-        default=20.0,
+    lookup_timeout: float = Field(
+        default=30.0,
         gt=0,
         le=600,
-        description="Seconds to connect to the Hugging Face API, or to wait for its answer "
-        "(search, details, the file list of a download).",
+        description="Seconds one lookup at a remote service may take in all, retries "
+        "included: the Hub's model info and search, CivitAI's model-version lookup before a "
+        "LoRA download.",
     )
     model_download_stall_timeout: float = Field(
         default=300.0,

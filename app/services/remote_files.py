@@ -207,6 +207,12 @@ def network_error(error: Exception, url: str, tries: int) -> DownloadError:
     return DownloadError(f"The connection to {host} broke off{after}: {_reason(error)}.")
 
 
+def lookup_timed_out(service: str, seconds: float) -> str:
+    return (
+        f"{service} did not answer within {seconds:g} s (LOCALAI_LOOKUP_TIMEOUT); try again later."
+    )
+
+
 async def get_json(client: httpx.AsyncClient, url: str, target: Target, retry: RetryPolicy) -> Any:
     """The JSON document at ``url``, retrying connection errors."""
     failures = 0

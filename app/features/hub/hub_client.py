@@ -9,6 +9,7 @@ and cannot be cancelled).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -26,7 +27,13 @@ from app.exceptions import (
 )
 from app.features.hub.schemas import SearchSort
 from app.features.loras.downloads.references import check_token
-from app.services.remote_files import DownloadError, RetryPolicy, Target, get_json
+from app.services.remote_files import (
+    DownloadError,
+    RetryPolicy,
+    Target,
+    get_json,
+    lookup_timed_out,
+)
 
 HUGGING_FACE = "Hugging Face"
 USER_AGENT = "localai-backend (model downloads)"
@@ -75,7 +82,8 @@ class HubClient:
         self.retry = RetryPolicy(
             settings.lora_download_attempts, settings.lora_download_retry_delay
         )
-        timeout = httpx.Timeout(settings.hub_timeout)
+        self.lookup_timeout = settings.lookup_timeout
+        timeout = httpx.Timeout(settings.lookup_timeout)
         self.http = httpx.AsyncClient(
             timeout=timeout, follow_redirects=False, headers={"User-Agent": USER_AGENT}
         )
@@ -101,10 +109,7 @@ class HubClient:
         if revision:
             path += f"/revision/{quote(revision, safe='')}"
         url = f"{self.base_url}{path}?blobs=true"
-        try:
-            answer = await get_json(self.http, url, self.target(repo_id, token), self.retry)
-        except DownloadError as error:
-            raise hub_error(error) from None
+        answer = await self._get_json(url, self.target(repo_id, token))
         if not isinstance(answer, dict) or answer.get("id") in (None, ""):
             raise BadGatewayError(f"{HUGGING_FACE} sent an unexpected answer for {repo_id}.")
         return answer
@@ -130,16 +135,25 @@ class HubClient:
         if tag:
             query.append(("filter", tag))
         url = f"{self.base_url}/api/models?{urlencode(query)}"
-        target = Target("the model search", HUGGING_FACE, self.token(None))
-        try:
-            answer = await get_json(self.http, url, target, self.retry)
-        except DownloadError as error:
-            raise hub_error(error) from None
+        answer = await self._get_json(
+            url, Target("the model search", HUGGING_FACE, self.token(None))
+        )
         if not isinstance(answer, list):
             raise BadGatewayError(f"{HUGGING_FACE} sent an unexpected answer to the search.")
         return [
             parse_model_info(entry) for entry in answer if isinstance(entry, dict) and "id" in entry
         ]
+
+    async def _get_json(self, url: str, target: Target) -> Any:
+        """One API answer, within ``LOCALAI_LOOKUP_TIMEOUT`` in all (a server that trickles
+        its answer would pass every per-read timeout)."""
+        try:
+            async with asyncio.timeout(self.lookup_timeout):
+                return await get_json(self.http, url, target, self.retry)
+        except DownloadError as error:
+            raise hub_error(error) from None
+        except TimeoutError:
+            raise BadGatewayError(lookup_timed_out(HUGGING_FACE, self.lookup_timeout)) from None
 
     def file_url(self, repo_id: str, revision: str, filename: str) -> str:
         return hf_hub_url(repo_id, filename, revision=revision, endpoint=self.base_url)

@@ -31,8 +31,8 @@ from app.exceptions import (
     TooManyRequestsError,
 )
 from app.features.loras import service
+from app.features.loras.downloads import civitai, store
 from app.features.loras.downloads import plan as plans
-from app.features.loras.downloads import store
 from app.features.loras.downloads.partial_file import PartialFile
 from app.features.loras.downloads.record import Download
 from app.features.loras.downloads.references import check_token, parse_request, token_in
@@ -45,7 +45,7 @@ from app.features.loras.downloads.transfer import Transfer
 from app.features.loras.schemas import LoRAInfo
 from app.services.disk_space import disk_full_error, is_disk_full
 from app.services.events import EventEmitter
-from app.services.remote_files import DownloadError, RetryPolicy
+from app.services.remote_files import DownloadError, RetryPolicy, lookup_timed_out
 from app.services.storage import Storage
 from app.services.transfer_limits import Limits
 from app.services.worker_threads import in_thread
@@ -99,7 +99,15 @@ class DownloadManager:
         if token is not None:
             check_token(token)
         try:
-            plan = await plans.resolve(reference, token, self.settings, self.client, self.retry)
+            # Bounded as a whole (only CivitAI is asked in advance): the lookup runs inside
+            # this request, before the transfer's stall and deadline watch starts.
+            async with asyncio.timeout(self.settings.lookup_timeout):
+                plan = await plans.resolve(reference, token, self.settings, self.client, self.retry)
+        except TimeoutError:
+            detail = lookup_timed_out(civitai.SERVICE, self.settings.lookup_timeout)
+            download = self._register(source, public_url, file_name, None)
+            self._finish(download, DownloadState.FAILED, detail=detail)
+            return download
         except DownloadError as error:
             download = self._register(source, public_url, file_name, None)
             self._finish(download, DownloadState.FAILED, detail=error.detail)

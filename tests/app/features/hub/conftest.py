@@ -28,7 +28,7 @@ def settings(settings: Settings, remote: FakeRemote) -> Settings:
             "huggingface_base_url": remote.url("/hub"),
             "lora_download_attempts": 3,
             "lora_download_retry_delay": 0.01,
-            "hub_timeout": 10.0,
+            "lookup_timeout": 30.0,
         }
     )
 

@@ -6,6 +6,7 @@ are tiny so a broken bound shows as a test that runs into that bound, never as a
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from typing import Any
@@ -123,5 +124,34 @@ async def test_too_many_unfinished_downloads_are_refused(
             hold.set()
             for download in (running, again):
                 assert (await wait_for(client, download["id"]))["state"] == "completed"
+    finally:
+        hold.set()
+
+
+async def test_a_civitai_lookup_that_never_answers_fails_within_the_lookup_timeout(
+    settings: Settings, remote: FakeRemote, lora_bytes: dict[str, bytes]
+) -> None:
+    """The lookup runs inside POST /loras/download: a CivitAI API that accepts the
+    connection and never answers must not hold the request (nor a queue place)."""
+    document = remote.civitai_version(4321, lora_bytes["kohya_unet"])
+    hold = threading.Event()  # never set before the lookup gives up
+    remote.serve(
+        "/civitai/api/v1/model-versions/4321",
+        json.dumps(document).encode(),
+        hold=hold,
+        content_type="application/json",
+    )
+    del remote.documents["/civitai/api/v1/model-versions/4321"]
+    bounded = settings.model_copy(
+        update={"lookup_timeout": 0.5, "lora_download_timeout": WAIT_TIMEOUT}
+    )
+    try:
+        async with running_app(bounded) as (_app, client):
+            started = await start(client, {"civitai": {"model_version_id": 4321}})
+            assert started["state"] == "failed"
+            assert started["detail"] == (
+                "CivitAI did not answer within 0.5 s (LOCALAI_LOOKUP_TIMEOUT); try again later."
+            )
+            await assert_nothing_kept(client, bounded)
     finally:
         hold.set()
