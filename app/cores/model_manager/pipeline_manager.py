@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -98,6 +99,28 @@ class AdapterSpec:
         )
 
 
+def _for_pipeline(pipeline: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments this pipeline's ``__call__`` takes. The UI sends the same fields for
+    every family; those a family has no use for (``clip_skip`` for SD3 and FLUX.1, which
+    choose their text layers themselves) are left out, with a log line when set."""
+    accepted = inspect.signature(pipeline.__call__).parameters
+    dropped = [key for key, value in kwargs.items() if key not in accepted and value is not None]
+    if dropped:
+        logger.info("%s does not use %s; ignored", type(pipeline).__name__, ", ".join(dropped))
+    return {key: value for key, value in kwargs.items() if key in accepted}
+
+
+def unpacked(latents: torch.Tensor, width: int, height: int, vae_scale: int) -> torch.Tensor:
+    """FLUX.1 works on packed latents, (B, tokens, 4C): each token holds a 2x2 patch of C
+    channels. Back to (B, C, h, w) for previews; other latents are returned as they are."""
+    if latents.ndim != 3:
+        return latents
+    batch, _tokens, packed = latents.shape
+    rows, cols = height // (vae_scale * 2), width // (vae_scale * 2)
+    patches = latents.reshape(batch, rows, cols, packed // 4, 2, 2)
+    return patches.permute(0, 3, 1, 4, 2, 5).reshape(batch, packed // 4, rows * 2, cols * 2)
+
+
 @dataclass(frozen=True)
 class GenerationOutput:
     images: list[Image.Image]
@@ -182,7 +205,13 @@ class PipelineManager:
 
     @property
     def sample_size(self) -> int:
-        return int(getattr(self.pipeline.unet.config, "sample_size", 64) or 64)
+        """The denoiser's native latent size (the contract's ``sample_size``: 64 for SD 1.x,
+        128 for SDXL, SD3 and FLUX.1, whose pipelines say so as ``default_sample_size``)."""
+        default = getattr(self.pipeline, "default_sample_size", None)
+        if isinstance(default, int) and default > 0:
+            return default
+        denoiser = getattr(self.pipeline, "unet", None) or self.pipeline.transformer
+        return int(getattr(denoiser.config, "sample_size", 64) or 64)
 
     def memory_plan(self, passes: list[ImagePass], shares: MemoryShares) -> MemoryPlan:
         """How ``passes`` would run within the user's share of this device's memory."""
@@ -224,6 +253,7 @@ class PipelineManager:
         }
 
     def _run(self, pipeline: Any, kwargs: dict[str, Any]) -> GenerationOutput:
+        kwargs = _for_pipeline(pipeline, kwargs)
         saved_checker = getattr(pipeline, "safety_checker", None)
         if not self.safety_check_enabled and saved_checker is not None:
             pipeline.safety_checker = None
@@ -242,9 +272,10 @@ class PipelineManager:
         self.pipeline.scheduler = params.scheduler
         kwargs = self._common_kwargs(params) | {"width": width, "height": height}
         if on_step is not None:
+            scale = int(getattr(self.pipeline, "vae_scale_factor", 8))
 
             def step_end(_pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> Any:
-                on_step(step, float(timestep), tensors["latents"])
+                on_step(step, float(timestep), unpacked(tensors["latents"], width, height, scale))
                 return tensors
 
             kwargs["callback_on_step_end"] = step_end

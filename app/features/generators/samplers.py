@@ -26,6 +26,8 @@ from diffusers import (
     DPMSolverSinglestepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchLCMScheduler,
     HeunDiscreteScheduler,
     KDPM2AncestralDiscreteScheduler,
     KDPM2DiscreteScheduler,
@@ -36,6 +38,8 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from app.exceptions import BadRequestError
 
 
 class Sampler(StrEnum):
@@ -198,6 +202,41 @@ _SPECS: dict[Sampler, _Spec] = {
 }
 
 
+# Flow-matching models (SD3, FLUX.1) follow a sigma schedule the pipeline computes (FLUX
+# shifts it by the image size and passes ``sigmas`` and ``mu``): only flow-match schedulers
+# that take both can run them. Each sampler maps to the closest one; the rest are refused.
+_FLOW_SPECS: dict[Sampler, _Spec] = {
+    Sampler.EULER: _Spec(
+        "Euler",
+        "Flow-matching Euler, deterministic.",
+        FlowMatchEulerDiscreteScheduler,
+        {"stochastic_sampling": False, **_sigmas(karras=False)},
+    ),
+    Sampler.EULER_A: _Spec(
+        "Euler A",
+        "Flow-matching Euler that re-noises each step (the ancestral variant).",
+        FlowMatchEulerDiscreteScheduler,
+        {"stochastic_sampling": True, **_sigmas(karras=False)},
+    ),
+    Sampler.DPM_SOLVER_MULTISTEP_KARRAS: _Spec(
+        "DPM++ 2M Karras",
+        "Flow-matching Euler on Karras noise levels (the closest a flow model can run).",
+        FlowMatchEulerDiscreteScheduler,
+        {"stochastic_sampling": False, **_sigmas(karras=True)},
+    ),
+    Sampler.LCM: _Spec("LCM", "Flow-matching latent consistency sampler.", FlowMatchLCMScheduler),
+}
+
+
+def is_flow_matching(base_config: Mapping[str, Any]) -> bool:
+    """Whether the model's own scheduler is a flow-matching one (SD3, FLUX.1)."""
+    return str(base_config.get("_class_name", "")).startswith("FlowMatch")
+
+
+def flow_matching_samplers() -> list[Sampler]:
+    return list(_FLOW_SPECS)
+
+
 def list_samplers() -> list[SamplerInfo]:
     """All samplers in menu order, for the API to list."""
     specs = [(sampler, _SPECS[sampler]) for sampler in Sampler]
@@ -224,7 +263,7 @@ def make_scheduler(
     seed per image (as many as the batch has images) so that each image's noise depends only
     on its own seed, not on the batch it was generated in.
     """
-    spec = _SPECS[sampler]
+    spec = _flow_spec(sampler) if is_flow_matching(base_config) else _SPECS[sampler]
     overrides = dict(spec.overrides)
     if noise_seed is not None and spec.scheduler_class is DPMSolverSDEScheduler:
         overrides["noise_sampler_seed"] = (
@@ -232,3 +271,14 @@ def make_scheduler(
         )
     scheduler: SchedulerMixin = spec.scheduler_class.from_config(dict(base_config), **overrides)
     return scheduler
+
+
+def _flow_spec(sampler: Sampler) -> _Spec:
+    spec = _FLOW_SPECS.get(sampler)
+    if spec is None:
+        working = ", ".join(f"{_SPECS[s].name} ({s.value})" for s in _FLOW_SPECS)
+        raise BadRequestError(
+            f"The sampler {_SPECS[sampler].name} ({sampler.value}) cannot run this model: it is "
+            f"a flow-matching model (SD3, FLUX.1). Choose one of: {working}."
+        )
+    return spec
