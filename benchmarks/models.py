@@ -27,8 +27,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from app.config import Settings
 from app.cores.model_manager.embedded_model import (
     EMBEDDED_MODEL_FOLDER,
-    _write_tokenizer,
     build_embedded_model,
+    write_tokenizer,
 )
 from app.cores.model_manager.lora_fusion import HarvestCache
 from app.cores.model_manager.pipeline_manager import AdapterSpec, PipelineManager
@@ -124,7 +124,7 @@ def build_sd15_model(model_dir: Path) -> float | None:
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=model_dir.parent, prefix=".build-") as scratch:
         tokenizer_dir = Path(scratch) / "tokenizer-source"
-        _write_tokenizer(tokenizer_dir)
+        write_tokenizer(tokenizer_dir)
         build_dir = Path(scratch) / "model"
         pipeline = _sd15_pipeline(tokenizer_dir)
         pipeline.to(torch.float16)

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from app.config import EMBEDDED_MODEL_ID, Settings
 from app.cores.model_manager.embedded_model import build_embedded_model
 from app.main import create_app
+from tests.factories.family_models import Family, FamilyModelDir, write_family_model
 from tests.factories.hub_repos import write_sd15_repo, write_sdxl_repo
 from tests.harness import SmallDisk, http_client, small_disk
 
@@ -34,9 +35,28 @@ def sd15_repo_dir(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: 
 
 
 @pytest.fixture(scope="session")
-def sdxl_repo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def family_model_dir(tmp_path_factory: pytest.TempPathFactory) -> FamilyModelDir:
+    """``family_model_dir(family, seed=0)``: the tiny model of that family
+    (``tests.factories.family_models``) as a diffusers folder, built on first use and then
+    shared by the whole session; read-only for tests."""
+    built: dict[tuple[Family, int], Path] = {}
+
+    def family_model(family: Family, seed: int = 0) -> Path:
+        if (family, seed) not in built:
+            folder = tmp_path_factory.mktemp("family") / f"{family}-{seed}"
+            built[family, seed] = write_family_model(family, folder, seed)
+        return built[family, seed]
+
+    return family_model
+
+
+@pytest.fixture(scope="session")
+def sdxl_repo_dir(
+    tmp_path_factory: pytest.TempPathFactory, family_model_dir: FamilyModelDir
+) -> Path:
     """A tiny SDXL-shaped Hub repository (fp32 + fp16 weights); read-only for tests."""
-    return write_sdxl_repo(tmp_path_factory.mktemp("hub") / "sdxl", seed=1)
+    folder = tmp_path_factory.mktemp("hub") / "sdxl"
+    return write_sdxl_repo(folder, seed=1, built=family_model_dir("sdxl", seed=1))
 
 
 @pytest.fixture

@@ -49,7 +49,7 @@ def _byte_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def _write_tokenizer(folder: Path) -> None:
+def write_tokenizer(folder: Path) -> None:
     """A byte-level CLIP tokenizer with no merges: every string encodes, offline."""
     folder.mkdir(parents=True)
     characters = list(_byte_to_unicode().values())
@@ -139,7 +139,7 @@ def build_embedded_model(model_dir: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=model_dir.parent, prefix=".build-") as scratch:
         scratch_dir = Path(scratch)
         tokenizer_dir = scratch_dir / "tokenizer-source"
-        _write_tokenizer(tokenizer_dir)
+        write_tokenizer(tokenizer_dir)
         build_dir = scratch_dir / "model"
         pipeline = _build_pipeline(tokenizer_dir)
         pipeline.save_pretrained(str(build_dir), safe_serialization=True)
