@@ -99,12 +99,16 @@ class AdapterSpec:
         )
 
 
+_USER_FIELDS = ("clip_skip", "negative_prompt", "guidance_scale")
+"""Arguments that come from the user's config: dropping one is worth a log line."""
+
+
 def _for_pipeline(pipeline: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The arguments this pipeline's ``__call__`` takes. The UI sends the same fields for
     every family; those a family has no use for (``clip_skip`` for SD3 and FLUX.1, which
     choose their text layers themselves) are left out, with a log line when set."""
     accepted = inspect.signature(pipeline.__call__).parameters
-    dropped = [key for key, value in kwargs.items() if key not in accepted and value is not None]
+    dropped = [key for key in _USER_FIELDS if key not in accepted and kwargs.get(key) is not None]
     if dropped:
         logger.info("%s does not use %s; ignored", type(pipeline).__name__, ", ".join(dropped))
     return {key: value for key, value in kwargs.items() if key in accepted}
@@ -286,7 +290,10 @@ class PipelineManager:
         self, params: DiffusionParams, images: list[Image.Image], strength: float
     ) -> GenerationOutput:
         self.img2img.scheduler = params.scheduler
-        kwargs = self._common_kwargs(params) | {"image": images, "strength": strength}
+        # SD3's and FLUX's image-to-image pipelines size the output by width/height (their
+        # default: the model's native size), not by the input image.
+        size = {"width": images[0].width, "height": images[0].height}
+        kwargs = self._common_kwargs(params) | {"image": images, "strength": strength} | size
         return self._run(self.img2img, kwargs)
 
     @contextlib.contextmanager
