@@ -17,6 +17,7 @@ from app.cores.model_manager.embedded_model import build_embedded_model
 from app.main import create_app
 from tests.factories.family_models import Family, FamilyModelDir, write_family_model
 from tests.factories.hub_repos import write_sd15_repo, write_sdxl_repo
+from tests.fake_remote import FakeRemote, running_remote
 from tests.harness import SmallDisk, http_client, small_disk
 
 
@@ -110,3 +111,10 @@ def small_disk_settings(
         cache = disk.root / "cache"
         shutil.copytree(embedded_model_dir, cache / "models" / "embedded--tiny-sd")
         yield Settings(cache_dir=cache), disk
+
+
+@pytest.fixture
+def remote() -> Iterator[FakeRemote]:
+    """The fake remote services (files, Hugging Face Hub, CivitAI) on a loopback port."""
+    with running_remote() as fake:
+        yield fake

@@ -10,15 +10,9 @@ import pytest
 from fastapi import FastAPI
 
 from app.config import Settings
-from tests.fake_remote import FakeRemote, running_remote
+from tests.fake_remote import FakeRemote
 
 Event = tuple[str, dict[str, Any]]
-
-
-@pytest.fixture
-def remote() -> Iterator[FakeRemote]:
-    with running_remote() as fake:
-        yield fake
 
 
 @pytest.fixture

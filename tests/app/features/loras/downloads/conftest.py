@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -14,17 +13,11 @@ import pytest
 
 from app.config import Settings
 from tests.app.features.loras.conftest import LoRASources
-from tests.fake_remote import FakeRemote, running_remote
+from tests.fake_remote import FakeRemote
 from tests.harness import WAIT_TIMEOUT
 
 FINISHED = {"completed", "failed", "cancelled"}
 TIMEOUT = WAIT_TIMEOUT  # a bound for a broken run, not a speed target
-
-
-@pytest.fixture
-def remote() -> Iterator[FakeRemote]:
-    with running_remote() as fake:
-        yield fake
 
 
 @pytest.fixture
