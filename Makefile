@@ -70,6 +70,7 @@ fuzz: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.lora_speed
+	$(BIN)/python -m benchmarks.memory_estimate
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
