@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from tests.fake_civitai import civitai_version_document
+
 if TYPE_CHECKING:
     from tests.fake_hub import HubListing, HubRepo
 
@@ -139,33 +141,19 @@ class FakeRemote:
     ) -> dict[str, Any]:
         """Model-version JSON (with the file's real sha256 unless told otherwise), the
         download redirect and the stored file; returns the JSON."""
-        real = hashlib.sha256(data).hexdigest()
         download = f"/civitai/api/download/models/{version_id}"
         storage = f"/storage/{version_id}/{file_name}"
-        document = {
-            "id": version_id,
-            "modelId": model_id,
-            "name": f"v{version_id}",
-            "baseModel": base_model,
-            "trainedWords": list(trained_words),
-            "model": {"name": f"Model {model_id}", "type": model_type, "nsfw": False},
-            "files": [
-                {
-                    "id": version_id * 10,
-                    "name": file_name,
-                    "sizeKB": len(data) / 1024,
-                    "type": "Model",
-                    "primary": True,
-                    "metadata": {"format": "SafeTensor", "size": "pruned", "fp": "fp16"},
-                    "hashes": {
-                        "AutoV2": (sha256 or real)[:10].upper(),
-                        "SHA256": (sha256 or real).upper(),
-                        "CRC32": "0BADC0DE",
-                    },
-                    "downloadUrl": self.url(download),
-                }
-            ],
-        }
+        document = civitai_version_document(
+            version_id,
+            data,
+            self.url(download),
+            model_id=model_id,
+            file_name=file_name,
+            sha256=sha256,
+            trained_words=trained_words,
+            model_type=model_type,
+            base_model=base_model,
+        )
         self.documents[f"/civitai/api/v1/model-versions/{version_id}"] = document
         self.redirects[download] = self.url(storage)
         if token:
