@@ -26,8 +26,8 @@ from typing import Any, TypeVar
 
 import anyio.to_thread
 
+from app.cores.lora_engine import LoRACache
 from app.cores.model_manager.device import dtype_for
-from app.cores.model_manager.lora_fusion import HarvestCache
 from app.cores.model_manager.model_family import ModelFamily
 from app.cores.model_manager.pipeline_manager import LoadCancelledError, PipelineManager
 from app.exceptions import AppError, NoModelLoadedError
@@ -209,7 +209,7 @@ class ModelManager:
                     dtype_for(device),
                     progress,
                     should_stop=lambda: epoch != self._epoch,
-                    lora_cache=HarvestCache(*self._lora_cache_limits),
+                    lora_cache=LoRACache(*self._lora_cache_limits),
                 )
             except LoadCancelledError:
                 logger.info("Load of %s cancelled by a newer request", model_id)
@@ -231,7 +231,7 @@ class ModelManager:
         """Drop a deleted LoRA's prepared tensors; safe while a generation runs."""
         pipeline = self._pipeline
         if pipeline is not None:
-            pipeline.lora_cache.discard(cache_key)
+            pipeline.loras.discard(cache_key)
 
     def shutdown(self) -> None:
         self._epoch += 1

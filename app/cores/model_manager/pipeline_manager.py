@@ -10,7 +10,8 @@ import contextlib
 import gc
 import inspect
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -20,15 +21,7 @@ import torch
 from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
 from PIL import Image
 
-from app.cores.model_manager.lora_fusion import (
-    FusionUnsupportedError,
-    HarvestCache,
-    HarvestedLoRA,
-    HarvestRequest,
-    fused,
-    harvest,
-    lora_components,
-)
+from app.cores.lora_engine import LoRACache, LoRAEngine, LoRARequest
 from app.cores.model_manager.memory import (
     ImagePass,
     MemoryPlan,
@@ -48,8 +41,6 @@ StepCallback = Callable[[int, float, torch.Tensor], None]
 ProgressCallback = Callable[[int, str, str], None]
 """Called at each load checkpoint with (step 1..8, phase, message)."""
 
-LOAD_STEPS = 8
-
 
 class LoadCancelledError(Exception):
     """A newer load or unload request made this load pointless."""
@@ -66,37 +57,6 @@ class DiffusionParams:
     clip_skip: int
     seeds: list[int]
     scheduler: Any
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    """A LoRA to load as adapter ``adapter_name``; ``display_name`` is for the logs.
-
-    ``weight`` applies to every component unless ``unet_weight`` (the UNet or transformer)
-    or ``text_encoder_weight`` (every text encoder) overrides it.
-    """
-
-    adapter_name: str
-    display_name: str
-    path: str
-    weight: float
-    cache_key: str
-    """Identifies the file's content (its sha256): a changed file is a different entry."""
-    unet_weight: float | None = None
-    text_encoder_weight: float | None = None
-
-    def weight_for(self, component: str) -> float:
-        is_text = component.startswith("text_encoder")
-        override = self.text_encoder_weight if is_text else self.unet_weight
-        return self.weight if override is None else override
-
-    def describe_weight(self) -> str:
-        if self.unet_weight is None and self.text_encoder_weight is None:
-            return f"weight {self.weight}"
-        return (
-            f"weight {self.weight}; unet {self.weight_for('unet')}, "
-            f"text encoder {self.weight_for('text_encoder')}"
-        )
 
 
 _USER_FIELDS = ("clip_skip", "negative_prompt", "guidance_scale")
@@ -139,7 +99,7 @@ class PipelineManager:
         pipeline: Any,
         model_id: str,
         device: torch.device,
-        lora_cache: HarvestCache | None = None,
+        lora_cache: LoRACache | None = None,
         model_hash: str | None = None,
     ) -> None:
         self.pipeline = pipeline
@@ -149,7 +109,10 @@ class PipelineManager:
         """Computed once from the pipeline's configs; LoRAs of another family are refused."""
         self.model_hash = model_hash
         """Short hash of the denoiser weights for the PNG infotext (``model_hash``)."""
-        self.lora_cache = lora_cache or HarvestCache(max_count=0, max_bytes=0)
+        self.loras = LoRAEngine(
+            pipeline, self.family, device, lora_cache or LoRACache(max_count=0, max_bytes=0)
+        )
+        """Applies LoRAs to this pipeline (the only code that changes its weights)."""
         self._scheduler_config: Mapping[str, Any] = MappingProxyType(
             dict(pipeline.scheduler.config)
         )
@@ -175,7 +138,7 @@ class PipelineManager:
         dtype: torch.dtype,
         progress: ProgressCallback,
         should_stop: Callable[[], bool],
-        lora_cache: HarvestCache | None = None,
+        lora_cache: LoRACache | None = None,
     ) -> PipelineManager:
         """Load ``source`` (a diffusers folder) onto ``device``; raises LoadCancelledError."""
 
@@ -296,100 +259,17 @@ class PipelineManager:
         kwargs = self._common_kwargs(params) | {"image": images, "strength": strength} | size
         return self._run(self.img2img, kwargs)
 
-    @contextlib.contextmanager
-    def loras_applied(self, adapters: list[AdapterSpec]) -> Iterator[None]:
-        """Apply ``adapters`` for the duration of the block; afterwards the model is the base
-        model again, bit for bit, whether the block succeeded or raised.
-
-        With the LoRA cache enabled each LoRA is prepared once per model and fused per
-        request (see ``lora_fusion``); with it disabled, or for LoRAs the fast path cannot
-        fuse, they load as PEFT adapters and are unloaded afterwards (Plan 006).
-        """
-        if not adapters:
-            yield
-            return
-        harvested = self._prepared(adapters) if self.lora_cache.enabled else None
-        if harvested is None:
-            try:
-                self.load_loras(adapters)
-                yield
-            finally:
-                self.unload_loras()
-            return
-        for adapter in adapters:
-            logger.info(
-                "Applying LoRA '%s' as %s (%s)",
-                adapter.display_name,
-                adapter.adapter_name,
-                adapter.describe_weight(),
-            )
-        pairs = list(zip(harvested, adapters, strict=True))
-        with fused(self.pipeline, pairs) as changed:
-            logger.info("Fused %d LoRA(s) into %d tensors", len(adapters), changed)
-            yield
-        logger.info("Restored the base weights")
-
-    def is_prepared(self, cache_key: str) -> bool:
-        """Whether this LoRA's factors are cached for this model (so it fits the model)."""
-        return self.lora_cache.contains(cache_key)
-
-    def _prepared(self, adapters: list[AdapterSpec]) -> list[HarvestedLoRA] | None:
-        """The harvested form of every adapter, or None if one cannot be fused."""
-        cached: dict[str, HarvestedLoRA | None] = {
-            a.cache_key: self.lora_cache.get(a.cache_key) for a in adapters
-        }
-        missing = [a for a in adapters if cached[a.cache_key] is None]
-        if missing:
-            requests = [HarvestRequest(a.path, a.cache_key, a.display_name) for a in missing]
-            try:
-                harvested = harvest(self.pipeline, requests)
-            except FusionUnsupportedError as reason:
-                logger.info("%s: applying the LoRAs as unfused adapters", reason)
-                return None
-            keep = set(cached)
-            for new in harvested:
-                self.lora_cache.put(new, keep)
-                cached[new.key] = new
-        return [entry for a in adapters if (entry := cached[a.cache_key]) is not None]
-
-    def load_loras(self, adapters: list[AdapterSpec]) -> None:
-        """Load each LoRA as its own adapter and activate them all with their weights.
-
-        Callers check compatibility first (diffusers leaves a half-loaded adapter behind on
-        a shape mismatch) and call ``unload_loras`` in a ``finally``; a failure part-way
-        unloads what was loaded before re-raising.
-        """
-        try:
-            for adapter in adapters:
-                logger.info(
-                    "Loading LoRA '%s' as %s (%s)",
-                    adapter.display_name,
-                    adapter.adapter_name,
-                    adapter.describe_weight(),
-                )
-                self.pipeline.load_lora_weights(
-                    adapter.path, adapter_name=adapter.adapter_name, use_safetensors=True
-                )
-            components = list(lora_components(self.pipeline))
-            self.pipeline.set_adapters(
-                [a.adapter_name for a in adapters],
-                adapter_weights=[{c: a.weight_for(c) for c in components} for a in adapters],
-            )
-        except BaseException:
-            self.unload_loras()
-            raise
-        logger.info("Loaded %d LoRA(s)", len(adapters))
-
-    def unload_loras(self) -> None:
-        """Remove every adapter: the modules are the base model's own again."""
-        self.pipeline.unload_lora_weights()
-        logger.info("Unloaded all LoRAs")
+    def apply_loras(self, requests: Sequence[LoRARequest]) -> AbstractContextManager[None]:
+        """Apply ``requests`` for the duration of the ``with`` block; afterwards the model is
+        the base model again, bit for bit. Raises ``LoRAIncompatibleError`` (a 400) before
+        anything changes when one cannot be applied. See ``app.cores.lora_engine``."""
+        return self.loras.applied(requests)
 
     def close(self) -> None:
         """Drop every reference to the weights and give the memory back."""
         self.pipeline = None
         self.img2img = None
-        self.lora_cache.clear()
+        self.loras.close()
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

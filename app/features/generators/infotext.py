@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from PIL.PngImagePlugin import PngInfo
 
+from app.cores.lora_engine import LoRARequest
 from app.features.generators.samplers import list_samplers
 from app.features.generators.schemas import GeneratorConfig
+from app.features.loras.hashes import autov3
 
 _SAMPLER_NAMES = {info.value: info.name for info in list_samplers()}
 # A1111 drops ":" and "," from a LoRA's name in "Lora hashes"; "<" and ">" would also end a
@@ -31,22 +32,12 @@ _NAME_BREAKERS = re.compile(r"[:,<>]")
 _WHITESPACE = re.compile(r"\s+")
 
 
-@dataclass(frozen=True)
-class InfotextLoRA:
-    name: str
-    weight: float
-    short_hash: str | None
-    """AutoV3; None leaves the LoRA out of ``Lora hashes`` (A1111 does the same)."""
-    text_encoder_weight: float | None = None
-    unet_weight: float | None = None
-
-    def token(self) -> str:
-        """``<lora:NAME:W>``, or A1111's ``<lora:NAME:TE:UNET>`` when the components differ."""
-        if self.text_encoder_weight is None and self.unet_weight is None:
-            return f"<lora:{lora_alias(self.name)}:{_weight(self.weight)}>"
-        te = self.weight if self.text_encoder_weight is None else self.text_encoder_weight
-        unet = self.weight if self.unet_weight is None else self.unet_weight
-        return f"<lora:{lora_alias(self.name)}:{_weight(te)}:{_weight(unet)}>"
+def lora_token(lora: LoRARequest) -> str:
+    """``<lora:NAME:W>``, or A1111's ``<lora:NAME:TE:UNET>`` when the components differ."""
+    if lora.text_encoder_weight is None and lora.unet_weight is None:
+        return f"<lora:{lora_alias(lora.name)}:{_weight(lora.weight)}>"
+    te, unet = lora.weight_for("text_encoder"), lora.weight_for("unet")
+    return f"<lora:{lora_alias(lora.name)}:{_weight(te)}:{_weight(unet)}>"
 
 
 def _clean(text: str) -> str:
@@ -78,7 +69,7 @@ def build_infotext(
     height: int,
     *,
     model_hash: str | None = None,
-    loras: Sequence[InfotextLoRA] = (),
+    loras: Sequence[LoRARequest] = (),
 ) -> str:
     fields: list[tuple[str, object]] = [
         ("Steps", config.steps),
@@ -99,10 +90,15 @@ def build_infotext(
             ("Hires steps", config.hires_fix.steps),
             ("Hires upscaler", config.hires_fix.upscaler.value),
         ]
-    hashes = [f"{lora_alias(lora.name)}: {lora.short_hash}" for lora in loras if lora.short_hash]
+    # A LoRA without an AutoV3 hash is left out of ``Lora hashes``, as A1111 does.
+    hashes = [
+        f"{lora_alias(lora.name)}: {short}"
+        for lora in loras
+        if (short := autov3(lora.tensor_sha256))
+    ]
     if hashes:
         fields.append(("Lora hashes", ", ".join(hashes)))
-    tokens = " ".join(lora.token() for lora in loras)
+    tokens = " ".join(lora_token(lora) for lora in loras)
     prompt = " ".join(part for part in (_clean(config.prompt), tokens) if part)
     lines = [prompt]
     if config.negative_prompt:

@@ -7,10 +7,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from app.cores.lora_engine import LoRARequest
 from app.cores.model_manager.memory import GiB, ImagePass, MemoryPlan, MemoryShares
-from app.cores.model_manager.model_family import ModelFamily
 from app.cores.model_manager.pipeline_manager import (
-    AdapterSpec,
     DiffusionParams,
     GenerationOutput,
     PipelineManager,
@@ -20,9 +19,6 @@ from app.features.config.upscalers import PIL_RESAMPLING
 from app.features.generators.previews import latents_to_preview_pngs
 from app.features.generators.samplers import make_scheduler
 from app.features.generators.schemas import GeneratorConfig
-from app.features.loras.base_model import incompatibility_message, is_compatible
-from app.features.loras.lora_inspector import InvalidLoRAError, check_lora_fits_pipeline
-from app.features.loras.service import LoRASelection
 from app.services.events import EventEmitter
 
 PHASE_IMAGE_GENERATION = "image_generation"
@@ -35,24 +31,8 @@ def round_to_latent_grid(size: int) -> int:
     return max(64, size - size % 8)
 
 
-class LoRAIncompatibleError(BadRequestError):
-    """A requested LoRA does not fit the loaded model."""
-
-
 class MemoryLimitError(BadRequestError):
     """The request needs more memory than the user lets the backend use."""
-
-
-def adapter_for(lora: LoRASelection) -> AdapterSpec:
-    return AdapterSpec(
-        adapter_name=lora.adapter_name,
-        display_name=lora.name,
-        path=str(lora.file_path),
-        weight=lora.weight,
-        cache_key=lora.sha256,
-        unet_weight=lora.unet_weight,
-        text_encoder_weight=lora.text_encoder_weight,
-    )
 
 
 @dataclass(frozen=True)
@@ -60,7 +40,7 @@ class GenerationPlan:
     config: GeneratorConfig
     seeds: list[int]
     memory: MemoryShares
-    loras: tuple[LoRASelection, ...] = ()
+    loras: tuple[LoRARequest, ...] = ()
 
     @property
     def phases(self) -> list[str]:
@@ -126,16 +106,6 @@ class GenerationRun:
     model_hash: str | None
 
 
-def check_families(pipeline: PipelineManager, loras: tuple[LoRASelection, ...]) -> None:
-    """Refuse a LoRA made for another model family, naming both, before anything is read."""
-    for lora in loras:
-        if is_compatible(lora.base_model, pipeline.family) is False:
-            made_for = ModelFamily(str(lora.base_model))
-            raise LoRAIncompatibleError(
-                incompatibility_message(lora.name, made_for, pipeline.family)
-            )
-
-
 def _passes(plan: GenerationPlan) -> list[ImagePass]:
     config = plan.config
     width, height = round_to_latent_grid(config.width), round_to_latent_grid(config.height)
@@ -174,22 +144,11 @@ def check_memory(pipeline: PipelineManager, plan: GenerationPlan) -> MemoryPlan:
 def run_generation(
     pipeline: PipelineManager, plan: GenerationPlan, events: EventEmitter
 ) -> GenerationRun:
-    """Generate with the plan's LoRAs loaded; they are unloaded whatever happens."""
-    check_families(pipeline, plan.loras)
-    # The family check misses what detection could not classify; every LoRA's layers are
-    # also checked against the model before the pipeline is touched. A LoRA already prepared
-    # for this model passed that check when it was prepared: its file is not read again.
-    for lora in plan.loras:
-        if pipeline.is_prepared(lora.sha256):
-            continue
-        try:
-            check_lora_fits_pipeline(lora.file_path, pipeline.pipeline, lora.name)
-        except InvalidLoRAError as error:
-            raise LoRAIncompatibleError(str(error)) from error
+    """Generate with the plan's LoRAs applied; the base weights are back whatever happens."""
     memory = check_memory(pipeline, plan)
     with (
         pipeline.decoding_in_tiles(memory.tiled_decode),
-        pipeline.loras_applied([adapter_for(lora) for lora in plan.loras]),
+        pipeline.apply_loras(plan.loras),
     ):
         output = _generate(pipeline, plan, events)
     return GenerationRun(output, pipeline.model_id, pipeline.model_hash)

@@ -13,6 +13,7 @@ import anyio.to_thread
 import torch
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.cores.lora_engine import LoRARequest
 from app.cores.model_manager.memory import MemoryShares
 from app.cores.model_manager.model_manager import ModelManager
 from app.cores.model_manager.pipeline_manager import GenerationOutput
@@ -21,7 +22,7 @@ from app.database.models import History
 from app.exceptions import AppError, BadRequestError, NotFoundError
 from app.features.config.service import read_user_config
 from app.features.config.upscalers import PIL_RESAMPLING
-from app.features.generators.infotext import InfotextLoRA, build_infotext, png_info
+from app.features.generators.infotext import build_infotext, png_info
 from app.features.generators.runner import (
     PHASE_COMPLETED,
     PHASE_IMAGE_GENERATION,
@@ -38,8 +39,6 @@ from app.features.generators.schemas import (
 )
 from app.features.loras import file_manager
 from app.features.loras import service as loras_service
-from app.features.loras.hashes import autov3
-from app.features.loras.service import LoRASelection
 from app.services.disk_space import disk_full_error, is_disk_full
 from app.services.events import EventEmitter
 from app.services.storage import Storage
@@ -81,16 +80,6 @@ def _save_images(
     model_hash: str | None,
     output: GenerationOutput,
 ) -> list[GeneratedItem]:
-    loras = [
-        InfotextLoRA(
-            lora.name,
-            lora.weight,
-            autov3(lora.tensor_sha256),
-            text_encoder_weight=lora.text_encoder_weight,
-            unet_weight=lora.unet_weight,
-        )
-        for lora in plan.loras
-    ]
     items: list[GeneratedItem] = []
     try:
         for index, (image, seed) in enumerate(zip(output.images, plan.seeds, strict=True)):
@@ -102,7 +91,7 @@ def _save_images(
                 image.width,
                 image.height,
                 model_hash=model_hash,
-                loras=loras,
+                loras=plan.loras,
             )
             path = storage.save_png(image, name, png_info(text))
             items.append(GeneratedItem(path=path, file_name=name))
@@ -114,20 +103,18 @@ def _save_images(
 
 
 @contextlib.contextmanager
-def _pinned(
-    storage: Storage, selections: list[LoRASelection]
-) -> Iterator[tuple[LoRASelection, ...]]:
+def _pinned(storage: Storage, selections: list[LoRARequest]) -> Iterator[tuple[LoRARequest, ...]]:
     """Hard links to the LoRA files, so that deleting a LoRA cannot break this generation."""
     try:
         with file_manager.pinned_copies(
-            storage.get_loras_dir(), [s.file_path for s in selections]
+            storage.get_loras_dir(), [s.path for s in selections]
         ) as paths:
             yield tuple(
-                replace(selection, file_path=path)
+                replace(selection, path=path)
                 for selection, path in zip(selections, paths, strict=True)
             )
     except FileNotFoundError as error:
-        missing = next((s for s in selections if not s.file_path.is_file()), None)
+        missing = next((s for s in selections if not s.path.is_file()), None)
         name = f"'{missing.name}' (id {missing.id})" if missing else "a requested LoRA"
         raise BadRequestError(
             f"The file of LoRA {name} is missing; delete the LoRA and add it again."

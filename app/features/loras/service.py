@@ -14,6 +14,7 @@ import anyio.to_thread
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
+from app.cores.lora_engine import LoRARequest
 from app.cores.model_manager.model_family import ModelFamily
 from app.cores.model_manager.model_manager import ModelManager
 from app.database import crud, hooks
@@ -29,26 +30,6 @@ from app.services.storage import Storage
 logger = logging.getLogger(__name__)
 
 _CREATE_ATTEMPTS = 3
-
-
-@dataclass(frozen=True)
-class LoRASelection:
-    """A LoRA a generation asked for, with its weight and the file to load it from."""
-
-    id: int
-    name: str
-    file_path: Path
-    weight: float
-    sha256: str
-    base_model: str | None = None
-    """The family it was made for (``base_model`` column); None for unknown."""
-    tensor_sha256: str | None = None
-    unet_weight: float | None = None
-    text_encoder_weight: float | None = None
-
-    @property
-    def adapter_name(self) -> str:
-        return f"lora_{self.id}"
 
 
 def to_info(row: LoRA, loaded_family: ModelFamily | None) -> LoRAInfo:
@@ -250,9 +231,7 @@ async def delete_lora(session: AsyncSession, models: ModelManager, lora_id: int)
     logger.info("Deleted LoRA '%s' (id %d)", row.name, row.id)
 
 
-async def select_loras(
-    session: AsyncSession, items: Sequence[LoRAConfigItem]
-) -> list[LoRASelection]:
+async def select_loras(session: AsyncSession, items: Sequence[LoRAConfigItem]) -> list[LoRARequest]:
     """The LoRAs a generation asked for, in request order; 400 for unknown ids."""
     if not items:
         return []
@@ -263,12 +242,12 @@ async def select_loras(
         if row is None:
             raise BadRequestError(f"LoRA with id {item.lora_id} not found")
         selections.append(
-            LoRASelection(
-                row.id,
-                row.name,
-                Path(row.file_path),
-                item.weight,
-                row.sha256,
+            LoRARequest(
+                id=row.id,
+                name=row.name,
+                path=Path(row.file_path),
+                content_key=row.sha256,
+                weight=item.weight,
                 base_model=row.base_model,
                 tensor_sha256=row.tensor_sha256,
                 unet_weight=item.unet_weight,

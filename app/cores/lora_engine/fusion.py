@@ -1,0 +1,123 @@
+"""Fuse prepared LoRAs into the model's weights for one generation; restore them exactly.
+
+Each touched weight is copied first; the weighted differences of every LoRA on it are summed
+in float32 on the weight's device and added once, so the denoising loop runs at the base
+model's speed; afterwards the copies are put back with ``copy_``: the base weights are
+bit-identical after every generation (``fuse_lora``/``unfuse_lora`` are not: subtracting
+again leaves rounding errors). DoRA layers are not additive: they rescale the summed weight,
+one after the other, in the order the request lists them (as A1111 and ComfyUI apply them).
+
+Runs with the pipeline lock held.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+
+import torch
+
+from app.cores.lora_engine.key_mapping import KeyMapper
+from app.cores.lora_engine.layer_math import bias_delta, dora_weight, weight_delta
+from app.cores.lora_engine.layers import LayerKind, Target
+from app.cores.lora_engine.preparation import PreparedLayer, PreparedLoRA
+from app.cores.lora_engine.request import LoRARequest
+
+logger = logging.getLogger(__name__)
+
+_Contribution = tuple[PreparedLayer, Target, float]
+
+
+def _rows_of(prepared: PreparedLayer, target: Target, device: torch.device) -> torch.Tensor | None:
+    """The target's rows of the layer's weight difference (float32)."""
+    layer, rows = prepared.layer, target.rows
+    if rows is None:
+        return weight_delta(layer, prepared.shape, device)
+    if layer.kind is LayerKind.LORA:
+        # A row slice of up @ down is up[rows] @ down: no need to build the fused delta.
+        tensors = dict(layer.tensors)
+        tensors["up"] = tensors["up"][rows]
+        if "bias" in tensors:
+            tensors["bias"] = tensors["bias"][rows]
+        shape = (rows.stop - rows.start, *prepared.shape[1:])
+        return weight_delta(replace(layer, tensors=tensors), shape, device)
+    whole = weight_delta(layer, prepared.shape, device)
+    return whole[rows] if whole is not None else None
+
+
+def _bias_rows(
+    prepared: PreparedLayer, target: Target, device: torch.device
+) -> torch.Tensor | None:
+    delta = bias_delta(prepared.layer, device)
+    if delta is None or target.rows is None:
+        return delta
+    return delta[target.rows]
+
+
+def _fuse_module(
+    module: torch.nn.Module,
+    contributions: Sequence[_Contribution],
+    saved: list[tuple[torch.Tensor, torch.Tensor]],
+) -> None:
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    device = weight.device
+    saved.append((weight, weight.detach().clone()))
+    total = torch.zeros(weight.shape, dtype=torch.float32, device=device)
+    bias: torch.Tensor | None = getattr(module, "bias", None)
+    bias_total = (
+        torch.zeros(bias.shape, dtype=torch.float32, device=device) if bias is not None else None
+    )
+    doras: list[tuple[PreparedLayer, float]] = []
+    for prepared, target, strength in contributions:
+        if prepared.layer.dora is not None:
+            doras.append((prepared, strength))
+            continue
+        into = target.into if target.into is not None else slice(None)
+        delta = _rows_of(prepared, target, device)
+        if delta is not None:
+            total[into] += strength * delta.reshape(total[into].shape)
+        delta_b = _bias_rows(prepared, target, device)
+        if delta_b is not None and bias_total is not None:
+            bias_total[into] += strength * delta_b
+    if doras:
+        current = weight.to(torch.float32) + total
+        for prepared, strength in doras:
+            delta = weight_delta(prepared.layer, prepared.shape, device)
+            assert prepared.layer.dora is not None
+            assert delta is not None
+            current = dora_weight(current, delta, prepared.layer.dora, strength)
+        weight.copy_(current.to(weight.dtype))
+    else:
+        weight.add_(total.to(weight.dtype))
+    if bias is not None and bias_total is not None and bias_total.any():
+        saved.append((bias, bias.detach().clone()))
+        bias.add_(bias_total.to(bias.dtype))
+
+
+@contextlib.contextmanager
+def fused(
+    mapper: KeyMapper, selection: Sequence[tuple[PreparedLoRA, LoRARequest]]
+) -> Iterator[int]:
+    """Fuse the weighted LoRAs; restore every touched tensor on exit, whatever happens inside.
+    Yields the number of tensors changed."""
+    per_module: dict[tuple[str, str], list[_Contribution]] = {}
+    for prepared, request in selection:
+        for layer in prepared.layers:
+            for target in layer.targets:
+                strength = request.weight_for(target.component)
+                if strength != 0:
+                    key = (target.component, target.module)
+                    per_module.setdefault(key, []).append((layer, target, strength))
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for (component, module), contributions in per_module.items():
+                _fuse_module(mapper.module(Target(component, module)), contributions, saved)
+        yield len(saved)
+    finally:
+        with torch.no_grad():
+            for tensor, original in saved:
+                tensor.copy_(original)
