@@ -7,24 +7,27 @@ width is the width of the layer it was trained on. So the family is decided from
 (names, shapes; no tensor data), and the metadata's claim is kept beside it, used only to
 choose between families the shapes leave open, and reported when it disagrees.
 
-Rules (key names as trainers write them and as diffusers 0.42's ``lora_conversion_utils``
-converts them; widths from the models' configs):
+A layer's widths come from whichever tensors its format stores: down (rank x in) and up
+(out x rank) matrices (Kohya, PEFT, diffusers' legacy ``to_k_lora``, XLabs' ``qkv_lora1``);
+LyCORIS LoHa ``hada_w1_b`` (rank x in) and ``hada_w1_a`` (out x rank); LoKr, the Kronecker
+product of ``lokr_w1`` (a x b) and ``lokr_w2`` (c x d), each whole or an ``_a``/``_b`` pair,
+so (a*c) x (b*d); a full ``.diff`` (out x in). Rules (names as trainers write them and as
+diffusers 0.42's ``lora_conversion_utils`` reads them; widths from ``model_family``):
 
-* MMDiT models, recognised by block names first. FLUX.1: ``double_blocks_N_{img,txt}_*`` /
-  ``single_blocks_N_{linear1,linear2,modulation}`` (Kohya and BFL names, see
-  ``_convert_kohya_flux_lora_to_diffusers``) or diffusers' ``single_transformer_blocks.N``
-  (without AuraFlow's ``joint_transformer_blocks``); 3072 wide, at most 19 double and 38
-  single blocks (HunyuanVideo reuses the names with more blocks). SD3: ``joint_blocks_N_
-  {x_block,context_block}`` (SAI/Kohya) or diffusers' ``transformer_blocks.N.attn.add_q_proj``
-  with no single-stream blocks; 1536 (3/3.5 Medium) or 2432 (3.5 Large) wide.
-* UNet models. The input width of a cross-attention key/value projection (``attn2.to_k``,
-  ``attn2_to_v``, ``attn2.processor.to_k_lora``) is the text encoder's hidden size: 768 for
-  SD 1.x, 1024 for SD 2.x, 2048 for SDXL, 32 for the tiny embedded model. The attention
-  widths must agree (SD 1.x/2.x: 320/640/1280; SDXL has no 320-wide attention; tiny: 32/64);
-  attention blocks deeper than one transformer block (``transformer_blocks.1``...) exist only
-  in SDXL.
-* Text encoders: a second one (``lora_te2_``, ``text_encoder_2.``) means SDXL; the first one's
-  width is 768 (SD 1.x or SDXL's CLIP-L), 1024 (SD 2.x) or 32 (tiny).
+* MMDiT models, by block names first. FLUX.1: ``double_blocks_N_{img,txt}_*`` /
+  ``single_blocks_N_{linear1,linear2,modulation}`` (Kohya, BFL), ``{double,single}_blocks.N.
+  processor.*`` (XLabs) or diffusers' ``single_transformer_blocks.N`` (not with AuraFlow's
+  ``joint_transformer_blocks``), at most 19 double and 38 single blocks (HunyuanVideo has
+  more). SD3: ``joint_blocks_N_{x_block,context_block}`` (SAI/Kohya) or diffusers'
+  ``transformer_blocks.N.attn.add_q_proj`` without single-stream blocks. The hidden width
+  (queries' input, output projections' output) tells real from tiny; T5 layers (Kohya
+  ``lora_te3_encoder_block_N_...``) must agree.
+* UNet models. A cross-attention key/value projection's input (``attn2.to_k``,
+  ``attn2.processor.to_k_lora``) is the text width, which names the family; attention widths
+  must agree; attention blocks deeper than one transformer block exist only in SDXL.
+* Text encoders: a second CLIP (``lora_te2_``, ``text_encoder_2.``) means SDXL, and one CLIP
+  alone (no denoiser layers) not SDXL; the CLIPs' widths narrow further. T5 layers alone
+  leave SD3 and FLUX.1 open.
 
 Each piece of evidence narrows the set of candidate families; contradictions give
 ``unknown``, as does anything unrecognised: then the size check at generation decides.
@@ -37,44 +40,53 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from app.cores.model_manager.model_family import CROSS_ATTENTION_FAMILIES, ModelFamily
+from app.cores.model_manager.model_family import (
+    ATTENTION_WIDTHS,
+    CROSS_ATTENTION_FAMILIES,
+    SECOND_TEXT_ENCODER_WIDTHS,
+    T5_WIDTHS,
+    TEXT_ENCODER_WIDTHS,
+    TRANSFORMER_WIDTHS,
+    ModelFamily,
+    transformer_family,
+)
+from app.cores.model_manager.model_family import (
+    incompatibility_message as incompatibility_message,  # re-exported: callers import it here
+)
+from app.cores.model_manager.model_family import is_compatible as is_compatible
 from app.features.loras.safetensors_file import SafetensorsHeader
 
 F = ModelFamily
-_UNET_FAMILIES = frozenset({F.SD1, F.SD2, F.SDXL, F.TINY})
-_ATTENTION_WIDTHS = {
-    F.SD1: frozenset({320, 640, 1280}),
-    F.SD2: frozenset({320, 640, 1280}),
-    F.SDXL: frozenset({640, 1280}),
-    F.TINY: frozenset({32, 64}),
-}
-_TEXT_ENCODER_WIDTHS = {
-    768: frozenset({F.SD1, F.SDXL}),
-    1024: frozenset({F.SD2}),
-    32: frozenset({F.TINY}),
-}
-_FLUX_WIDTH = 3072
+_UNET_FAMILIES = frozenset(f for f in F if f.architecture in (F.SD1, F.SD2, F.SDXL))
 _FLUX_MAX_DOUBLE, _FLUX_MAX_SINGLE = 18, 37
-_SD3_WIDTHS = frozenset({1536, 2432})
 _SD3_MAX_BLOCK = 37
 
 # A LoRA layer is a down/A matrix (rank x input width) with its up/B matrix (output x rank).
 _DOWN = re.compile(r"(?:[._]lora)?(?:\.lora_linear_layer)?\.(?:lora_down|lora_A|down)\.weight$")
+_LYCORIS = re.compile(r"\.(hada_w[12]_[ab]|lokr_w[12](?:_[ab])?|diff)$")
 
 _CROSS_KV = re.compile(r"attn2_(?:processor_)?to_[kv]$")
 _ATTENTION = re.compile(r"attn[12]_(?:processor_)?to_(?:q|k|v|out(?:_0)?)$")
 _DEEP_BLOCK = re.compile(r"transformer_blocks_([1-9]\d*)_attn[12]_")
 _TEXT_HIDDEN = re.compile(r"(?:self_attn_(?:[qkv]|out)_proj|self_attn_to_(?:[qkv]|out)|mlp_fc1)$")
+_T5 = re.compile(r"(?:^|_)encoder_block_\d+_layer_\d+_")
+_T5_HIDDEN = re.compile(r"(?:SelfAttention_[qkv]|DenseReluDense_wi(?:_[01])?)$")
 
 _FLUX_NAMES = re.compile(
-    r"(?:^|_)(?:double_blocks_(\d+)_(?:img|txt)_|single_blocks_(\d+)_(?:linear[12]|modulation))"
+    r"(?:^|_)(?:double_blocks_(\d+)_(?:img|txt|processor)_"
+    r"|single_blocks_(\d+)_(?:linear[12]|modulation|processor))"
 )
 _SINGLE_STREAM = re.compile(r"(?:^|_)single_transformer_blocks_(\d+)_")
 _AURAFLOW = re.compile(r"(?:^|_)joint_transformer_blocks_")
 _SD3_NAMES = re.compile(r"(?:^|_)joint_blocks_(\d+)_(?:x_block|context_block)_")
 _DUAL_STREAM = re.compile(r"(?<!single_)(?<!joint_)transformer_blocks_(\d+)_attn_add_[qkv]_proj")
+# Layers whose input (queries) or output (projections back) is the transformer's hidden width.
 _MMDIT_QUERY = re.compile(
-    r"(?:img_attn_qkv|txt_attn_qkv|attn_qkv|attn_to_[qkv]|attn_add_[qkv]_proj|linear1|proj_mlp)$"
+    r"(?:img_attn_qkv|txt_attn_qkv|attn_qkv|attn_to_[qkv]|attn_add_[qkv]_proj|linear1|proj_mlp"
+    r"|processor_qkv_lora\d?)$"
+)
+_MMDIT_OUTPUT = re.compile(
+    r"(?:attn_proj|linear2|attn_to_out_0|attn_to_add_out|processor_proj_lora\d?)$"
 )
 
 _COMPONENT_PREFIXES = (
@@ -102,6 +114,10 @@ class _Layer:
     """Module name with every ``.`` as ``_`` (Kohya and diffusers names look alike)."""
     width_in: int
     width_out: int | None
+
+    @property
+    def t5(self) -> bool:
+        return _T5.search(self.name) is not None
 
 
 @dataclass(frozen=True)
@@ -145,6 +161,11 @@ def _split_component(name: str) -> tuple[str, str]:
     return "other", name
 
 
+def _layer(stem: str, width_in: int, width_out: int | None) -> _Layer:
+    component, name = _split_component(stem.replace(".", "_"))
+    return _Layer(component, name, width_in, width_out)
+
+
 def _up_key(key: str, down_suffix: str) -> str:
     up_suffix = down_suffix.replace("lora_down.", "lora_up.").replace("lora_A.", "lora_B.")
     if up_suffix == down_suffix:
@@ -152,16 +173,45 @@ def _up_key(key: str, down_suffix: str) -> str:
     return key[: len(key) - len(down_suffix)] + up_suffix
 
 
+def _matrix(roles: Mapping[str, tuple[int, ...]], full: str) -> tuple[int, int] | None:
+    """(rows, columns) of a LyCORIS factor stored whole (``full``) or as ``full_a @ full_b``."""
+    whole, a, b = roles.get(full), roles.get(f"{full}_a"), roles.get(f"{full}_b")
+    if whole is not None and len(whole) >= 2:
+        return whole[0], whole[1]
+    if a is not None and b is not None and len(a) >= 2 and len(b) >= 2:
+        return a[0], b[1]
+    return None
+
+
+def _lycoris_widths(roles: Mapping[str, tuple[int, ...]]) -> tuple[int, int] | None:
+    """(input, output) width of a LyCORIS layer; None when its tensors do not say."""
+    diff = roles.get("diff")
+    if diff is not None and len(diff) >= 2:
+        return diff[1], diff[0]
+    w1_a, w1_b = roles.get("hada_w1_a"), roles.get("hada_w1_b")
+    if w1_a is not None and w1_b is not None and len(w1_a) >= 2 and len(w1_b) >= 2:
+        return w1_b[1], w1_a[0]
+    w1, w2 = _matrix(roles, "lokr_w1"), _matrix(roles, "lokr_w2")
+    if w1 is not None and w2 is not None:
+        return w1[1] * w2[1], w1[0] * w2[0]
+    return None
+
+
 def _layers(header: SafetensorsHeader) -> list[_Layer]:
     layers = []
+    lycoris: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, info in header.tensors.items():
         match = _DOWN.search(key)
-        if match is None or len(info.shape) < 2:
-            continue
-        up = header.tensors.get(_up_key(key, key[match.start() :]))
-        component, name = _split_component(key[: match.start()].replace(".", "_"))
-        width_out = up.shape[0] if up is not None and up.shape else None
-        layers.append(_Layer(component, name, info.shape[1], width_out))
+        if match is not None and len(info.shape) >= 2:
+            up = header.tensors.get(_up_key(key, key[match.start() :]))
+            width_out = up.shape[0] if up is not None and up.shape else None
+            layers.append(_layer(key[: match.start()], info.shape[1], width_out))
+        elif (match := _LYCORIS.search(key)) is not None:
+            lycoris.setdefault(key[: match.start()], {})[match[1]] = info.shape
+    for stem, roles in lycoris.items():
+        widths = _lycoris_widths(roles)
+        if widths is not None:
+            layers.append(_layer(stem, *widths))
     return layers
 
 
@@ -174,34 +224,66 @@ def _unknown(evidence: str, candidates: Iterable[ModelFamily] = ()) -> Detection
     return Detection(F.UNKNOWN, frozenset(candidates), evidence)
 
 
+def _t5_width(layers: list[_Layer]) -> int | None:
+    return _most_common(
+        layer.width_in for layer in layers if layer.t5 and _T5_HIDDEN.search(layer.name)
+    )
+
+
+def _mmdit_width(layers: list[_Layer]) -> int | None:
+    denoiser = [layer for layer in layers if layer.component in ("unet", "transformer", "other")]
+    widths = [layer.width_in for layer in denoiser if _MMDIT_QUERY.search(layer.name)]
+    widths += [
+        layer.width_out
+        for layer in denoiser
+        if layer.width_out is not None and _MMDIT_OUTPUT.search(layer.name)
+    ]
+    return _most_common(widths)
+
+
+def _sized(architecture: ModelFamily, width: int | None, blocks: str, tail: str = "") -> Detection:
+    """The family of ``architecture`` that is ``width`` wide, or why none is."""
+    family = transformer_family(architecture, width)
+    if family.known:
+        return Detection(family, frozenset({family}), f"{blocks} {width} wide{tail}")
+    sizes = {f: w for f, w in TRANSFORMER_WIDTHS.items() if f.architecture is architecture}
+    if width is None:
+        return _unknown(f"{blocks} of no readable width", sizes)
+    known = " or ".join(str(w) for f in sizes if not f.is_tiny for w in sorted(sizes[f]))
+    return _unknown(f"{blocks} {width} wide, no {architecture.display_name} size ({known})")
+
+
 def _detect_mmdit(names: list[str], layers: list[_Layer]) -> Detection | None:
     flux_blocks = [m for name in names for m in _FLUX_NAMES.finditer(name)]
     single = [int(m[1]) for name in names for m in _SINGLE_STREAM.finditer(name)]
     auraflow = any(_AURAFLOW.search(name) for name in names)
     sd3_blocks = [int(m[1]) for name in names for m in _SD3_NAMES.finditer(name)]
     dual = [int(m[1]) for name in names for m in _DUAL_STREAM.finditer(name)]
-    width = _most_common(
-        layer.width_in
-        for layer in layers
-        if layer.component in ("unet", "transformer", "other") and _MMDIT_QUERY.search(layer.name)
-    )
+    width = _mmdit_width(layers)
     if flux_blocks or (single and not auraflow):
         double = [int(m[1]) for m in flux_blocks if m[1]] + dual
         single += [int(m[2]) for m in flux_blocks if m[2]]
-        if width is not None and width != _FLUX_WIDTH:
-            return _unknown(f"FLUX-style blocks {width} wide (FLUX.1 is {_FLUX_WIDTH})")
-        if max(double, default=0) > _FLUX_MAX_DOUBLE or max(single, default=0) > _FLUX_MAX_SINGLE:
+        detection = _sized(F.FLUX, width, "FLUX-style double/single-stream blocks")
+        too_many = max(double, default=0) > _FLUX_MAX_DOUBLE or max(single, default=0) > (
+            _FLUX_MAX_SINGLE
+        )
+        if detection.family is F.FLUX and too_many:
             return _unknown("FLUX-style blocks numbered beyond FLUX.1's 19 double / 38 single")
-        return Detection(F.FLUX, frozenset({F.FLUX}), "double/single-stream transformer blocks")
-    if sd3_blocks or (dual and not auraflow):
-        if width is not None and width not in _SD3_WIDTHS:
-            return _unknown(f"joint-attention blocks {width} wide, no Stable Diffusion 3 size")
-        if max(sd3_blocks + dual) > _SD3_MAX_BLOCK:
+    elif sd3_blocks or (dual and not auraflow):
+        detection = _sized(F.SD3, width, "joint-attention blocks", ", no single-stream ones")
+        if detection.family is F.SD3 and max(sd3_blocks + dual) > _SD3_MAX_BLOCK:
             return _unknown("joint-attention blocks numbered beyond Stable Diffusion 3's")
-        return Detection(F.SD3, frozenset({F.SD3}), "joint-attention blocks without single-stream")
-    if auraflow or any(layer.component == "transformer" for layer in layers):
+    elif auraflow or any(layer.component == "transformer" for layer in layers):
         return _unknown("transformer blocks of an unrecognised model")
-    return None
+    else:
+        return None
+    t5 = _t5_width(layers)
+    if t5 is None or not detection.family.known:
+        return detection
+    evidence = f"{detection.evidence}; T5 text-encoder layers {t5} wide"
+    if detection.family not in T5_WIDTHS.get(t5, frozenset()):
+        return _unknown(f"contradictory shapes ({evidence})")
+    return Detection(detection.family, detection.candidates, evidence)
 
 
 def detect_base_model(header: SafetensorsHeader) -> Detection:
@@ -212,7 +294,13 @@ def detect_base_model(header: SafetensorsHeader) -> Detection:
     if mmdit is not None:
         return mmdit
     denoiser = [layer for layer in layers if layer.component == "unet"]
-    text = [layer for layer in layers if layer.component in ("te1", "te2")]
+    text = [layer for layer in layers if layer.component in ("te1", "te2") and not layer.t5]
+    t5 = _t5_width(layers)
+    if t5 is not None:
+        if denoiser:
+            return _unknown(f"contradictory shapes (UNet layers beside T5 layers {t5} wide)")
+        families = T5_WIDTHS.get(t5, frozenset())
+        return _unknown(f"T5 text-encoder layers {t5} wide and no transformer layers", families)
     if not denoiser and not text:
         return _unknown("no layer the rules recognise")
 
@@ -233,22 +321,25 @@ def detect_base_model(header: SafetensorsHeader) -> Detection:
         layer.width_in for layer in denoiser if _ATTENTION.search(layer.name) and layer not in cross
     } | {layer.width_out for layer in cross if layer.width_out is not None}
     if widths:
-        candidates = {f for f in candidates if widths <= _ATTENTION_WIDTHS[f]}
+        candidates = {f for f in candidates if widths <= ATTENTION_WIDTHS[f]}
         evidence.append(f"attention widths {sorted(widths)}")
     if any(_DEEP_BLOCK.search(layer.name) for layer in denoiser):
         candidates &= {F.SDXL}
         evidence.append("attention blocks deeper than one transformer block")
-    if any(layer.component == "te2" for layer in text):
-        candidates &= {F.SDXL}
-        evidence.append("layers for a second text encoder")
-    hidden = _most_common(
-        layer.width_in
-        for layer in text
-        if layer.component == "te1" and _TEXT_HIDDEN.search(layer.name)
-    )
-    if hidden is not None:
-        candidates &= _TEXT_ENCODER_WIDTHS.get(hidden, frozenset())
-        evidence.append(f"text-encoder width {hidden}")
+    for component, table in (("te1", TEXT_ENCODER_WIDTHS), ("te2", SECOND_TEXT_ENCODER_WIDTHS)):
+        encoder = [layer for layer in text if layer.component == component]
+        if component == "te2" and encoder:
+            candidates &= {F.SDXL, F.TINY_SDXL}
+            evidence.append("layers for a second text encoder")
+        hidden = _most_common(x.width_in for x in encoder if _TEXT_HIDDEN.search(x.name))
+        if hidden is not None:
+            candidates &= table.get(hidden, frozenset())
+            which = "second " if component == "te2" else ""
+            evidence.append(f"{which}text-encoder width {hidden}")
+        if not denoiser and encoder and component == "te1" and len(text) == len(encoder):
+            # SDXL trainers (sd-scripts, diffusers) give both encoders layers, or none.
+            candidates -= {F.SDXL, F.TINY_SDXL}
+            evidence.append("layers for one text encoder only")
 
     reason = "; ".join(evidence) or "no layer that tells the models apart"
     if not candidates:
@@ -323,23 +414,4 @@ def conflict_note(base: BaseModel) -> str | None:
     return (
         f"The file's metadata ({claim.key}: {claim.value}) says {claim.family.display_name}, "
         f"but its layers are shaped for {base.family.display_name}."
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Compatibility with the loaded model
-
-
-def is_compatible(lora: str | None, model: ModelFamily | None) -> bool | None:
-    """True/False when both families are known; None when either is not."""
-    if model is None or not model.known or lora is None or lora == F.UNKNOWN.value:
-        return None
-    return lora == model.value
-
-
-def incompatibility_message(name: str, lora: ModelFamily, model: ModelFamily) -> str:
-    return (
-        f"LoRA '{name}' was made for {lora.display_name}; the loaded model is "
-        f"{model.display_name}. Load a {lora.display_name} model to use it, or choose LoRAs "
-        f"made for {model.display_name}."
     )

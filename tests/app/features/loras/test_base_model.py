@@ -18,8 +18,6 @@ from app.cores.model_manager.embedded_model import _CROSS_ATTENTION_DIM
 from app.cores.model_manager.model_family import (
     TINY_CROSS_ATTENTION_DIM,
     ModelFamily,
-    family_from_transformer_class,
-    family_from_unet_config,
     family_of_pipeline,
 )
 from app.features.loras.base_model import (
@@ -28,8 +26,6 @@ from app.features.loras.base_model import (
     base_model_of,
     conflict_note,
     detect_base_model,
-    incompatibility_message,
-    is_compatible,
     metadata_claim,
     resolve_base_model,
 )
@@ -97,6 +93,7 @@ def test_loras_for_the_embedded_model_are_tiny(
 def test_tiny_width_is_the_embedded_models(tiny_pipeline: Any) -> None:
     assert TINY_CROSS_ATTENTION_DIM == _CROSS_ATTENTION_DIM
     assert tiny_pipeline.unet.config.cross_attention_dim == TINY_CROSS_ATTENTION_DIM
+    assert family_of_pipeline(tiny_pipeline) is F.TINY
 
 
 def test_locon_and_dora_for_the_embedded_model(tmp_path: Path, tiny_pipeline: Any) -> None:
@@ -295,57 +292,3 @@ def test_resolution_keeps_a_known_family() -> None:
     base = resolve_base_model(detection, MetadataClaim(F.SD1, "ss_base_model_version", "sd_v1"))
     assert base.family is F.TINY
     assert base.conflict
-
-
-# ---------------------------------------------------------------------------------------------
-# Model families and compatibility
-
-
-@pytest.mark.parametrize(
-    ("config", "family"),
-    [
-        ({"cross_attention_dim": 768}, F.SD1),
-        ({"cross_attention_dim": 1024}, F.SD2),
-        ({"cross_attention_dim": 2048, "addition_embed_type": "text_time"}, F.SDXL),
-        ({"cross_attention_dim": 2048}, F.UNKNOWN),
-        ({"cross_attention_dim": 1280, "addition_embed_type": "text_time"}, F.UNKNOWN),
-        ({"cross_attention_dim": 768, "addition_embed_type": "text_time"}, F.UNKNOWN),
-        ({"cross_attention_dim": [768, 768]}, F.SD1),
-        ({"cross_attention_dim": 32}, F.TINY),
-        ({}, F.UNKNOWN),
-    ],
-)
-def test_family_from_unet_config(config: dict[str, Any], family: ModelFamily) -> None:
-    assert family_from_unet_config(config) is family
-
-
-def test_family_from_transformer_class() -> None:
-    assert family_from_transformer_class("FluxTransformer2DModel") is F.FLUX
-    assert family_from_transformer_class("SD3Transformer2DModel") is F.SD3
-    assert family_from_transformer_class("PixArtTransformer2DModel") is F.UNKNOWN
-
-
-def test_the_embedded_pipeline_is_tiny(tiny_pipeline: Any) -> None:
-    assert family_of_pipeline(tiny_pipeline) is F.TINY
-
-
-@pytest.mark.parametrize(
-    ("lora", "model", "expected"),
-    [
-        ("sd1", F.SD1, True),
-        ("sdxl", F.SD1, False),
-        ("unknown", F.SD1, None),
-        (None, F.SD1, None),
-        ("sd1", F.UNKNOWN, None),
-        ("sd1", None, None),
-    ],
-)
-def test_is_compatible(lora: str | None, model: ModelFamily | None, expected: bool | None) -> None:
-    assert is_compatible(lora, model) is expected
-
-
-def test_incompatibility_message_names_both_families() -> None:
-    message = incompatibility_message("detail tweaker", F.SDXL, F.SD1)
-    assert message.startswith(
-        "LoRA 'detail tweaker' was made for SDXL; the loaded model is Stable Diffusion 1.x."
-    )
