@@ -178,32 +178,6 @@ def _put(
 _KOHYA_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 
 
-def write_loha(path: Path, *, rank: int = 4, width: int = 32) -> Path:
-    """A LyCORIS LoHa layer (Hadamard product of two low-rank pairs), Kohya names."""
-    tensors = {
-        f"{_KOHYA_Q}.hada_w1_a": torch.zeros(width, rank),
-        f"{_KOHYA_Q}.hada_w1_b": torch.zeros(rank, width),
-        f"{_KOHYA_Q}.hada_w2_a": torch.zeros(width, rank),
-        f"{_KOHYA_Q}.hada_w2_b": torch.zeros(rank, width),
-        f"{_KOHYA_Q}.alpha": torch.tensor(float(rank)),
-    }
-    save_file(tensors, str(path))
-    return path
-
-
-def write_lokr(path: Path, *, fmt: Literal["kohya", "peft"] = "kohya") -> Path:
-    """A LyCORIS LoKr layer (Kronecker product factors)."""
-    if fmt == "kohya":
-        stem = _KOHYA_Q
-    else:
-        stem = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
-    tensors = {f"{stem}.lokr_w1": torch.zeros(4, 4), f"{stem}.lokr_w2": torch.zeros(8, 8)}
-    if fmt == "kohya":
-        tensors[f"{stem}.alpha"] = torch.tensor(4.0)
-    save_file(tensors, str(path))
-    return path
-
-
 def write_down_without_up(path: Path, pipeline: Any, *, fmt: LoRAFileFormat = "kohya") -> Path:
     """A real LoRA for ``pipeline`` whose first layer lost its up/B weight."""
     from safetensors.torch import load_file

@@ -67,7 +67,12 @@ class LoRAEngine:
                 raise LoRAIncompatibleError(problem)
         prepared = self._prepared(requests)
         for request in requests:
-            logger.info("Applying LoRA '%s' (%s)", request.name, request.describe_weight())
+            logger.info(
+                "Applying LoRA '%s' (id %d, %s)",
+                request.name,
+                request.id,
+                request.describe_weight(),
+            )
         if not self.cache.enabled and all(entry.plain for entry in prepared):
             with self._through_diffusers(requests):
                 yield

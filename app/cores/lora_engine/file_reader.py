@@ -30,7 +30,7 @@ import torch
 
 from app.cores.lora_engine.layers import ROLES, DoRA, DoRAAxis, DoRAStrength, FileLayer, LayerKind
 
-__all__ = ["LORA_ADAPTER_METADATA_KEY", "LoRAFileError", "read_layers"]
+__all__ = ["LORA_ADAPTER_METADATA_KEY", "LoRAFileError", "read_layers", "split_key"]
 
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 """diffusers writes PEFT's ``LoraConfig`` of each component here, as JSON."""
@@ -70,7 +70,8 @@ class LoRAFileError(ValueError):
     """The file's tensors do not form LoRA layers; the message says why, for an end user."""
 
 
-def _split_key(key: str) -> tuple[str, str] | None:
+def split_key(key: str) -> tuple[str, str] | None:
+    """(module as the file names it, role), or None for a name no LoRA format has."""
     processor = _PROCESSOR.match(key)
     if processor is not None:
         parent = processor["parent"]
@@ -85,21 +86,23 @@ def _split_key(key: str) -> tuple[str, str] | None:
 
 def _kind(name: str, roles: set[str]) -> LayerKind:
     weight_roles = roles - {"alpha", "dora_scale", "magnitude"}
-    kinds = [kind for kind, allowed in ROLES.items() if weight_roles and weight_roles <= allowed]
+    if not weight_roles:
+        listed = ", ".join(sorted(roles))
+        raise LoRAFileError(f"Layer '{name}' has only {listed} and no LoRA weights.")
+    kinds = [kind for kind, allowed in ROLES.items() if weight_roles <= allowed]
     if len(kinds) != 1:
         listed = ", ".join(sorted(roles))
         raise LoRAFileError(f"Layer '{name}' has tensors ({listed}) that form no LoRA layer.")
     kind = kinds[0]
-    required = {
-        LayerKind.LORA: ({"down", "up"},),
-        LayerKind.LOHA: ({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},),
-        LayerKind.LOKR: (set(),),
-        LayerKind.FULL: (set(),),
-        LayerKind.NORM: (set(),),
-    }[kind]
-    missing = required[0] - roles
-    if missing:
-        raise LoRAFileError(f"Layer '{name}' lacks {', '.join(sorted(missing))}.")
+    if kind is LayerKind.LORA:
+        if "up" not in roles and "down" not in roles:
+            raise LoRAFileError(f"Layer '{name}' has only a bias and no LoRA weights.")
+        if "up" not in roles:
+            raise LoRAFileError(f"Layer '{name}' has a down/A weight but no up/B weight.")
+        if "down" not in roles:
+            raise LoRAFileError(f"Layer '{name}' has an up/B weight but no down/A weight.")
+    if kind is LayerKind.LOHA and not {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= roles:
+        raise LoRAFileError(f"Layer '{name}' lacks one of the four LoHa matrices.")
     if kind is LayerKind.LOKR and not (
         ({"lokr_w1"} <= roles or {"lokr_w1_a", "lokr_w1_b"} <= roles)
         and ({"lokr_w2"} <= roles or {"lokr_w2_a", "lokr_w2_b"} <= roles)
@@ -187,7 +190,7 @@ def read_layers(
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     unknown: list[str] = []
     for key, tensor in tensors.items():
-        split = _split_key(key)
+        split = split_key(key)
         if split is None:
             unknown.append(key)
             continue

@@ -68,7 +68,12 @@ def _read(request: LoRARequest, device: torch.device) -> list[FileLayer]:
     try:
         with safe_open(str(request.path), framework="pt", device="cpu") as handle:
             metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key).to(device) for key in handle.keys()}  # noqa: SIM118
+            # copy=True: get_tensor maps the file; a cached tensor must own its memory, or a
+            # file truncated later (replaced, disk cleaned) kills the process with SIGBUS.
+            tensors = {
+                key: handle.get_tensor(key).to(device, copy=True)
+                for key in handle.keys()  # noqa: SIM118
+            }
         layers = read_layers(tensors, metadata)
     except FileNotFoundError:
         raise LoRAIncompatibleError(f"{label} cannot be used: its file is missing.") from None

@@ -1,8 +1,4 @@
-"""Public types of the LoRA checks and the helpers their messages share.
-
-:class:`LoRAFormat`, :class:`LoRAInspection` and the two errors are re-exported by
-:mod:`app.features.loras.lora_inspector`, which is where the rest of the app imports them from.
-"""
+"""Public types of the upload check and the helpers its messages share."""
 
 from __future__ import annotations
 
@@ -11,7 +7,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 __all__ = [
-    "IncompatibleLoRAError",
     "InvalidLoRAError",
     "LoRAFormat",
     "LoRAInspection",
@@ -34,31 +29,12 @@ class LoRAFormat(StrEnum):
     ``unet.<block>.attn1.processor.to_q_lora.down.weight``, ``unet.<module>.lora.down.weight``,
     ``text_encoder.<block>.self_attn.to_q_lora.down.weight``,
     ``text_encoder.<module>.lora_linear_layer.down.weight``."""
+    XLABS = "xlabs"
+    """XLabs' FLUX.1 attention processors: ``double_blocks.0.processor.qkv_lora1.down.weight``."""
 
 
 class InvalidLoRAError(ValueError):
     """The file is not a LoRA that diffusers can apply; the message says why, for an end user."""
-
-
-class IncompatibleLoRAError(InvalidLoRAError):
-    """A valid LoRA that does not fit the loaded model (other architecture or sizes)."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        display_name: str,
-        total_layers: int,
-        missing_layers: tuple[str, ...] = (),
-        mismatched_layers: tuple[str, ...] = (),
-    ) -> None:
-        super().__init__(message)
-        self.display_name = display_name
-        self.total_layers = total_layers
-        self.missing_layers = missing_layers
-        """``component: module`` names the loaded model does not have."""
-        self.mismatched_layers = mismatched_layers
-        """One description per layer whose sizes do not fit."""
 
 
 @dataclass(frozen=True)
@@ -67,8 +43,10 @@ class LoRAInspection:
     components: tuple[str, ...]
     """Pipeline components the LoRA targets, e.g. ``("unet",)`` or ``("unet", "text_encoder")``."""
     network_type: str
-    """``"lora"``, ``"locon"`` (also convolution layers beyond the 1x1 attention projections)
-    or ``"dora"`` (PEFT DoRA: ``lora_magnitude_vector``)."""
+    """The file's most specific layer type: ``"dora"`` (PEFT ``lora_magnitude_vector`` or
+    Kohya/LyCORIS ``dora_scale``), ``"lokr"``, ``"loha"``, ``"full"`` (LyCORIS ``.diff``),
+    ``"locon"`` (convolutions beyond the 1x1 attention projections, or Tucker ``lora_mid``)
+    or ``"lora"``."""
     layer_count: int
     ranks: tuple[int, ...]
     """Distinct ranks, sorted."""

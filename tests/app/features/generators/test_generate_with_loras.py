@@ -92,12 +92,12 @@ async def test_each_lora_in_a_set_has_an_effect(
     assert not np.array_equal(await image(loaded_client, first), await image(loaded_client, both))
 
 
-async def test_logs_name_each_lora_with_its_adapter_and_weight(
+async def test_logs_name_each_lora_with_its_id_and_weight(
     loaded_client: httpx.AsyncClient, lora_ids: list[int], caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="app.cores.model_manager.pipeline_manager"):
+    with caplog.at_level(logging.INFO, logger="app.cores.lora_engine"):
         await image(loaded_client, [{"lora_id": lora_ids[1], "weight": 0.5}])
-    assert f"'peft_unet' as lora_{lora_ids[1]} (weight 0.5)" in caplog.text
+    assert f"'peft_unet' (id {lora_ids[1]}, weight 0.5)" in caplog.text
     assert "Restored the base weights" in caplog.text or "Unloaded all LoRAs" in caplog.text
 
 

@@ -33,8 +33,8 @@ def lora_sources(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: P
 
     Good: ``kohya_unet``, ``kohya_unet_te``, ``peft_unet``, ``peft_unet_te``, ``legacy_unet``,
     ``style_a`` / ``style_b`` (different content). Bad: ``truncated``, ``truncated_header``,
-    ``header_bomb``, ``pickle_renamed``, ``unrelated``, ``full_checkpoint``, ``loha``,
-    ``lokr``, ``lokr_peft``, ``down_without_up``.
+    ``header_bomb``, ``pickle_renamed``, ``unrelated``, ``full_checkpoint``,
+    ``down_without_up``.
     """
     pipeline = StableDiffusionPipeline.from_pretrained(
         str(embedded_model_dir), torch_dtype=torch.float32, local_files_only=True
@@ -61,9 +61,6 @@ def lora_sources(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: P
     lora_files.write_pickle_renamed(path("pickle_renamed"))
     lora_files.write_unrelated_tensors(path("unrelated"))
     lora_files.write_full_checkpoint_like(path("full_checkpoint"))
-    lora_files.write_loha(path("loha"))
-    lora_files.write_lokr(path("lokr"))
-    lora_files.write_lokr(path("lokr_peft"), fmt="peft")
     lora_files.write_down_without_up(path("down_without_up"), pipeline)
     return LoRASources(folder)
 

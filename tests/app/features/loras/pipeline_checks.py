@@ -9,12 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from app.features.loras.lora_inspector import (
-    InvalidLoRAError,
-    LoRAInspection,
-    check_lora_fits_pipeline,
-    inspect_lora_header,
-)
+from app.cores.lora_engine import LoRACache, LoRAIncompatibleError, LoRARequest
+from app.cores.model_manager.pipeline_manager import PipelineManager
+from app.features.loras.lora_inspector import LoRAInspection, inspect_lora_header
 from app.features.loras.safetensors_file import read_header
 from tests.checksums import weights_checksum as checksum
 
@@ -44,12 +41,13 @@ def inspect_file(path: Path) -> LoRAInspection:
     return inspect_lora_header(read_header(path))
 
 
-def assert_refused_untouched(
-    path: Path, pipeline: Any, error: type[InvalidLoRAError] = InvalidLoRAError
-) -> InvalidLoRAError:
+def assert_refused_untouched(path: Path, pipeline: Any) -> LoRAIncompatibleError:
+    """The engine refuses the file at generation and leaves the pipeline as it was."""
+    manager = PipelineManager(pipeline, "tiny", torch.device("cpu"), LoRACache(4, 1 << 30))
     before = checksum(pipeline)
-    with pytest.raises(error) as caught:
-        check_lora_fits_pipeline(path, pipeline, "my-lora")
+    request = LoRARequest(id=1, name="my-lora", path=path, content_key=path.name)
+    with pytest.raises(LoRAIncompatibleError) as caught, manager.apply_loras([request]):
+        pass
     assert checksum(pipeline) == before
     assert not has_adapters(pipeline)
     return caught.value

@@ -1,7 +1,7 @@
 """Which LoRAs fit the loaded model, through HTTP: the base model shown per LoRA, the
 ``compatible`` flag and filter, refusal of another family's LoRA before the pipeline is
-touched, every LoRA format that runs on the tiny model, and refusal of the variants that
-cannot run, at upload."""
+touched, every LoRA format that runs on the tiny model (LyCORIS variants included), and
+refusal of the variants no supported path applies, at upload."""
 
 from __future__ import annotations
 
@@ -198,31 +198,80 @@ async def test_every_format_the_tiny_model_can_run_uploads_and_generates(
 
 
 _Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
-_PEFT_Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
-UNSUPPORTED: dict[str, tuple[dict[str, tuple[int, ...]], str]] = {
-    "loha": ({f"{_Q}.hada_w1_a": (32, 4), f"{_Q}.hada_w1_b": (4, 32)}, "LoHa"),
-    "lokr": ({f"{_Q}.lokr_w1": (4, 4), f"{_Q}.lokr_w2": (8, 8)}, "LoKr"),
-    "ia3": ({f"{_Q}.weight": (32,), f"{_Q}.on_input": ()}, "(IA)³"),
-    "oft": ({f"{_Q}.oft_blocks": (4, 8, 8), f"{_Q}.alpha": ()}, "OFT"),
-    "boft": ({f"{_PEFT_Q}.boft_R": (1, 4, 8, 8)}, "OFT/BOFT"),
-    "glora": ({f"{_Q}.a1.weight": (4, 32), f"{_Q}.a2.weight": (32, 4)}, "GLoRA"),
+_CONV = "lora_unet_down_blocks_0_resnets_0_conv1"  # 32 -> 32 channels, 3x3
+LYCORIS: dict[str, tuple[dict[str, tuple[int, ...]], str]] = {
+    "loha": (
+        {
+            f"{_Q}.hada_w1_a": (32, 4),
+            f"{_Q}.hada_w1_b": (4, 32),
+            f"{_Q}.hada_w2_a": (32, 4),
+            f"{_Q}.hada_w2_b": (4, 32),
+            f"{_Q}.alpha": (),
+        },
+        "loha",
+    ),
+    "loha tucker": (
+        {
+            f"{_CONV}.hada_t1": (4, 4, 3, 3),
+            f"{_CONV}.hada_w1_a": (4, 32),
+            f"{_CONV}.hada_w1_b": (4, 32),
+            f"{_CONV}.hada_t2": (4, 4, 3, 3),
+            f"{_CONV}.hada_w2_a": (4, 32),
+            f"{_CONV}.hada_w2_b": (4, 32),
+        },
+        "loha",
+    ),
+    "lokr": ({f"{_Q}.lokr_w1": (4, 4), f"{_Q}.lokr_w2": (8, 8)}, "lokr"),
+    "lokr low rank": (
+        {f"{_Q}.lokr_w1": (4, 4), f"{_Q}.lokr_w2_a": (8, 2), f"{_Q}.lokr_w2_b": (2, 8)},
+        "lokr",
+    ),
     "kohya dora": (
         {
             f"{_Q}.lora_down.weight": (4, 32),
             f"{_Q}.lora_up.weight": (32, 4),
-            f"{_Q}.dora_scale": (32, 1),
+            f"{_Q}.dora_scale": (1, 32),
         },
-        "DoRA",
+        "dora",
     ),
     "tucker locon": (
         {
-            f"{_Q}.lora_down.weight": (4, 32, 1, 1),
-            f"{_Q}.lora_mid.weight": (4, 4, 3, 3),
-            f"{_Q}.lora_up.weight": (32, 4, 1, 1),
+            f"{_CONV}.lora_down.weight": (4, 32, 1, 1),
+            f"{_CONV}.lora_mid.weight": (4, 4, 3, 3),
+            f"{_CONV}.lora_up.weight": (32, 4, 1, 1),
         },
-        "Tucker",
+        "locon",
     ),
-    "full diff": ({f"{_Q}.diff": (32, 32), f"{_Q}.diff_b": (32,)}, ".diff"),
+    "full diff": ({f"{_Q}.diff": (32, 32), f"{_Q}.diff_b": (32,)}, "full"),
+}
+"""LyCORIS layers on the tiny model's shapes, as LyCORIS names them (Kohya module names)."""
+
+
+async def test_lycoris_variants_upload_and_change_the_image(
+    loaded_client: httpx.AsyncClient, user_dir: Path
+) -> None:
+    base = await first_image(loaded_client, await generate(loaded_client, []))
+    generator = torch.Generator().manual_seed(5)
+    for name, (shapes, network_type) in LYCORIS.items():
+        tensors = {key: torch.randn(shape, generator=generator) for key, shape in shapes.items()}
+        if f"{_Q}.dora_scale" in tensors:  # a magnitude near the base weight's column norms
+            tensors[f"{_Q}.dora_scale"] = tensors[f"{_Q}.dora_scale"].abs() + 1.0
+        path = user_dir / f"{name}.safetensors"
+        save_file(tensors, str(path))
+        info = await upload(loaded_client, path)
+        assert info["network_type"] == network_type, name
+        assert info["compatible"] is True, name
+        response = await generate(loaded_client, [{"lora_id": info["id"], "weight": 1.0}])
+        image = await first_image(loaded_client, response)
+        assert not np.array_equal(image, base), f"{name} changed nothing"
+
+
+_PEFT_Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+UNSUPPORTED: dict[str, tuple[dict[str, tuple[int, ...]], str]] = {
+    "ia3": ({f"{_Q}.weight": (32,), f"{_Q}.on_input": ()}, "(IA)³"),
+    "oft": ({f"{_Q}.oft_blocks": (4, 8, 8), f"{_Q}.alpha": ()}, "OFT"),
+    "boft": ({f"{_PEFT_Q}.boft_R": (1, 4, 8, 8)}, "OFT/BOFT"),
+    "glora": ({f"{_Q}.a1.weight": (4, 32), f"{_Q}.a2.weight": (32, 4)}, "GLoRA"),
 }
 
 

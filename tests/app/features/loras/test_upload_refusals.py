@@ -154,9 +154,6 @@ async def test_a_full_disk_is_a_507_and_keeps_nothing(
         pytest.param(
             "full_checkpoint", ("looks like a full model checkpoint",), id="full-checkpoint"
         ),
-        pytest.param("loha", ("loha", "not supported"), id="loha"),
-        pytest.param("lokr", ("lokr", "not supported"), id="lokr-kohya"),
-        pytest.param("lokr_peft", ("lokr", "not supported"), id="lokr-peft"),
         pytest.param("down_without_up", ("down/a weight but no up/b",), id="down-without-up"),
     ],
 )
