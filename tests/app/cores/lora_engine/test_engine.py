@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file, save_file
 
 from app.cores.lora_engine import LoRACache, LoRAIncompatibleError, LoRARequest
 from app.cores.model_manager.pipeline_manager import PipelineManager
 from tests.checksums import weights_checksum
-from tests.factories.lora_files import write_lora
+from tests.factories.lora_files import lora_targets, write_lora
 
 # Fused weights are summed in another order than unfused adapter outputs: images (0..1)
 # agree to float rounding, measured up to 2e-4 with five LoRAs at weights up to 2; one 8-bit
@@ -287,3 +288,55 @@ def test_fused_dora_matches_diffusers_dora_adapter(
         tiny_pipeline.unload_lora_weights()
     assert np.abs(fused_image - reference).max() < FUSED_TOLERANCE
     assert np.abs(fused_image - base).max() > 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-layer alphas: A1111's alpha/rank per layer, not one value for the file
+
+
+def _two_layer_lora(path: Path, pipeline: Any, alphas: tuple[float, float]) -> list[Any]:
+    """A Kohya file with one rank-4 layer on each of the first two ``to_q``, at ``alphas``;
+    returns (module, alpha / rank * up @ down) per layer."""
+    targets = lora_targets(pipeline, ("unet",), targets=("to_q",))[:2]
+    generator = torch.Generator().manual_seed(3)
+    tensors, expected = {}, []
+    for target, alpha in zip(targets, alphas, strict=True):
+        down = torch.randn(4, target.in_features, generator=generator) * 0.2
+        up = torch.randn(target.out_features, 4, generator=generator) * 0.2
+        stem = "lora_unet_" + target.name.replace(".", "_")
+        tensors |= {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up}
+        tensors[f"{stem}.alpha"] = torch.tensor(alpha)
+        expected.append((target.module, alpha / 4 * (up @ down)))
+    save_file(tensors, str(path))
+    return expected
+
+
+def test_each_layer_gets_its_own_alpha(
+    tiny_pipeline: StableDiffusionPipeline, tmp_path: Path
+) -> None:
+    path = tmp_path / "alphas.safetensors"
+    layers = _two_layer_lora(path, tiny_pipeline, alphas=(1.0, 8.0))  # scales 0.25 and 2
+    bases = [module.weight.detach().clone() for module, _ in layers]
+    with manager(tiny_pipeline).apply_loras([request(path, 0.8)]):
+        deltas = [m.weight.detach() - b for (m, _), b in zip(layers, bases, strict=True)]
+    for delta, (_, scaled) in zip(deltas, layers, strict=True):
+        torch.testing.assert_close(delta, 0.8 * scaled, rtol=1e-5, atol=1e-6)
+    for (module, _), base in zip(layers, bases, strict=True):
+        assert torch.equal(module.weight, base)
+
+
+def test_per_layer_alphas_with_the_cache_off_as_with_it_on(
+    tiny_pipeline: StableDiffusionPipeline, tmp_path: Path
+) -> None:
+    """Plan 006's path gives the same image (diffusers 0.42.1 itself applies the most common
+    alpha of a Kohya file to every layer)."""
+    path = write_lora(tmp_path / "a.safetensors", tiny_pipeline)
+    tensors = load_file(str(path))
+    alpha_keys = sorted(key for key in tensors if key.endswith(".alpha"))
+    tensors[alpha_keys[0]] = torch.tensor(1.0)  # one layer at a quarter strength
+    mixed = tmp_path / "mixed.safetensors"
+    save_file(tensors, str(mixed))
+    fast, plan = manager(tiny_pipeline), manager(tiny_pipeline, max_count=0)
+    fused = render(fast, [request(mixed)])
+    assert np.abs(fused - render(fast, [request(path)])).max() > 0.01  # that alpha counts
+    assert np.abs(render(plan, [request(mixed)]) - fused).max() < FUSED_TOLERANCE
