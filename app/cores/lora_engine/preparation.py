@@ -18,7 +18,7 @@ from app.cores.lora_engine.errors import LoRAIncompatibleError
 from app.cores.lora_engine.file_reader import LoRAFileError, read_layers
 from app.cores.lora_engine.key_mapping import KeyMapper
 from app.cores.lora_engine.layer_math import delta_size
-from app.cores.lora_engine.layers import FileLayer, Target
+from app.cores.lora_engine.layers import FileLayer, LayerKind, Target
 from app.cores.lora_engine.request import LoRARequest
 
 __all__ = ["PreparedLayer", "PreparedLoRA", "prepare"]
@@ -84,6 +84,13 @@ def _read(request: LoRARequest, device: torch.device) -> list[FileLayer]:
     return layers
 
 
+def _has_weight_part(layer: FileLayer) -> bool:
+    return not (
+        (layer.kind is LayerKind.FULL and "diff" not in layer.tensors)
+        or (layer.kind is LayerKind.NORM and "w_norm" not in layer.tensors)
+    )
+
+
 def _mismatch(name: str, actual: tuple[int, int], expected: tuple[int, int]) -> str:
     return (
         f"layer {name} changes a {actual[0]}x{actual[1]} weight; the loaded model's is "
@@ -116,6 +123,8 @@ def prepare(request: LoRARequest, mapper: KeyMapper, device: torch.device) -> Pr
             rows = int(first.shape[0])
         original = original or len(targets) > 1 or mapper.uses_original_name(layer.name)
         actual = delta_size(layer)
+        if not _has_weight_part(layer):  # only a bias difference: its length is all to check
+            columns = 1
         if actual != (rows, columns):
             mismatched.append(_mismatch(layer.name, actual, (rows, columns)))
             if layer.name.endswith(("attn2_to_k", "attn2_to_v", "attn2.to_k", "attn2.to_v")):

@@ -16,7 +16,7 @@ from app.cores.model_manager.pipeline_manager import (
 )
 from app.exceptions import BadRequestError
 from app.features.config.upscalers import PIL_RESAMPLING
-from app.features.generators.previews import latents_to_preview_pngs
+from app.features.generators.previews import latents_to_preview_pngs, preview_for
 from app.features.generators.samplers import make_scheduler
 from app.features.generators.schemas import GeneratorConfig
 from app.services.events import EventEmitter
@@ -159,8 +159,10 @@ def _generate(
 ) -> GenerationOutput:
     config = plan.config
 
+    preview_map = preview_for(pipeline.family.architecture)
+
     def on_step(step: int, timestep: float, latents: torch.Tensor) -> None:
-        for index, preview in enumerate(latents_to_preview_pngs(latents)):
+        for index, preview in enumerate(latents_to_preview_pngs(latents, preview_map)):
             events.emit(
                 "image_generation_step_end",
                 {

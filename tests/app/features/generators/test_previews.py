@@ -10,7 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from app.features.generators.previews import latents_to_preview_pngs
+from app.cores.model_manager.model_family import ModelFamily
+from app.features.generators.previews import (
+    FLUX_PREVIEW,
+    SD3_PREVIEW,
+    SD_PREVIEW,
+    latents_to_preview_pngs,
+    preview_for,
+)
 
 
 def _decode(encoded: str) -> Image.Image:
@@ -52,6 +59,30 @@ def test_half_precision_latents(dtype: torch.dtype) -> None:
     assert half.shape == (8, 8, 3)
     # Only the input's rounding differs: a few pixel levels at most.
     assert np.abs(half - full).max() <= 4
+
+
+@pytest.mark.parametrize(
+    ("family", "expected"),
+    [
+        (ModelFamily.SD1, SD_PREVIEW),
+        (ModelFamily.SDXL, SD_PREVIEW),
+        (ModelFamily.SD3, SD3_PREVIEW),
+        (ModelFamily.FLUX, FLUX_PREVIEW),
+        (ModelFamily.TINY_FLUX.architecture, FLUX_PREVIEW),
+    ],
+)
+def test_each_family_has_its_latent_formats_map(family: ModelFamily, expected: object) -> None:
+    assert preview_for(family) is expected
+
+
+def test_sixteen_channel_latents_are_shown_in_colour_with_the_bias() -> None:
+    [encoded] = latents_to_preview_pngs(torch.zeros(1, 16, 6, 10), FLUX_PREVIEW)
+    image = _decode(encoded)
+    assert image.mode == "RGB"
+    # All-zero latents show FLUX.1's bias (-0.0329, -0.0718, -0.0851) mapped to pixels.
+    assert image.getpixel((0, 0)) == (123, 118, 117)
+    [sd3] = latents_to_preview_pngs(_latents(1, 16, 6, 10), SD3_PREVIEW)
+    assert _decode(sd3).size == (10, 6)
 
 
 def test_other_channel_counts_fall_back_to_grayscale() -> None:
