@@ -16,8 +16,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from app.cores.model_manager.lora_fusion import HarvestCache
-from app.cores.model_manager.pipeline_manager import AdapterSpec, PipelineManager
+from app.cores.lora_engine import LoRACache, LoRARequest
+from app.cores.model_manager.pipeline_manager import PipelineManager
 from tests.api import generate, pixels
 from tests.api import upload_lora as upload
 from tests.factories.lora_files import write_lora
@@ -100,15 +100,27 @@ async def test_out_of_range_component_weights_are_refused(
     assert field in response.text
 
 
-def test_diffusers_adapter_path_honours_component_weights(
-    tiny_pipeline: StableDiffusionPipeline, lora_parts: dict[str, Path]
+@pytest.mark.parametrize("cache", [True, False], ids=["engine", "diffusers"])
+def test_both_lora_paths_honour_component_weights(
+    tiny_pipeline: StableDiffusionPipeline, lora_parts: dict[str, Path], cache: bool
 ) -> None:
-    """With the LoRA cache off (Plan 006's path), diffusers gets per-component weights."""
-    manager = PipelineManager(tiny_pipeline, "tiny", torch.device("cpu"), HarvestCache(0, 0))
+    """The engine's fusion (cache on) and Plan 006's diffusers adapters (cache off) give each
+    component its own weight."""
+    lora_cache = LoRACache(16, 1 << 30) if cache else LoRACache(0, 0)
+    manager = PipelineManager(tiny_pipeline, "tiny", torch.device("cpu"), lora_cache=lora_cache)
+    loads = 0
+    load_lora_weights = tiny_pipeline.load_lora_weights
+
+    def counting_load(*args: Any, **kwargs: Any) -> Any:
+        nonlocal loads
+        loads += 1
+        return load_lora_weights(*args, **kwargs)
+
+    tiny_pipeline.load_lora_weights = counting_load  # counts calls; the real loader runs
 
     def render(path: Path, **weights: float) -> np.ndarray:
-        spec = AdapterSpec("lora_1", path.stem, str(path), 1.0, path.stem, **weights)
-        with manager.loras_applied([spec]):
+        request = LoRARequest(id=1, name=path.stem, path=path, content_key=path.stem, **weights)
+        with manager.apply_loras([request]):
             result = tiny_pipeline(
                 "a red fox",
                 num_inference_steps=3,
@@ -120,9 +132,10 @@ def test_diffusers_adapter_path_honours_component_weights(
         images: np.ndarray = result.images
         return images
 
-    assert np.array_equal(
-        render(lora_parts["full"], text_encoder_weight=0.0), render(lora_parts["unet_only"])
-    )
-    assert np.array_equal(
-        render(lora_parts["full"], unet_weight=0.0), render(lora_parts["text_encoder_only"])
-    )
+    unet_only = render(lora_parts["unet_only"])
+    text_encoder_only = render(lora_parts["text_encoder_only"])
+    assert np.array_equal(render(lora_parts["full"], text_encoder_weight=0.0), unet_only)
+    assert np.array_equal(render(lora_parts["full"], unet_weight=0.0), text_encoder_only)
+    assert not np.array_equal(render(lora_parts["full"]), unet_only)
+    assert not np.array_equal(unet_only, text_encoder_only)
+    assert loads == (0 if cache else 5)
