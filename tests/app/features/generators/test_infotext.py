@@ -15,7 +15,8 @@ import httpx
 from PIL import Image
 
 from app.config import EMBEDDED_MODEL_ID, Settings
-from app.features.generators.infotext import InfotextLoRA, build_infotext, lora_alias, quote
+from app.cores.lora_engine import LoRARequest
+from app.features.generators.infotext import build_infotext, lora_alias, lora_token, quote
 from app.features.generators.schemas import GeneratorConfig
 from tests.factories.lora_files import write_lora
 
@@ -54,6 +55,19 @@ def payload_sha256(path: Path) -> str:
 # The text itself
 
 
+def lora(name: str, weight: float, autov3: str | None, **weights: float) -> LoRARequest:
+    """A request as generation builds it; its AutoV3 hash is ``tensor_sha256``'s start."""
+    return LoRARequest(
+        id=1,
+        name=name,
+        path=Path(f"{name}.safetensors"),
+        content_key=name,
+        weight=weight,
+        tensor_sha256=None if autov3 is None else autov3 + "0" * 52,
+        **weights,
+    )
+
+
 def config(**overrides: Any) -> GeneratorConfig:
     base: dict[str, Any] = {"prompt": "a red fox", "negative_prompt": "blurry", "steps": 20}
     return GeneratorConfig.model_validate({**base, **overrides})
@@ -75,9 +89,9 @@ def test_a_plain_infotext_round_trips() -> None:
 
 def test_loras_appear_as_prompt_tokens_and_hashes() -> None:
     loras = [
-        InfotextLoRA("Film Grain", 0.15000000000000002, "aaaaaaaaaaaa"),
-        InfotextLoRA("retro: 80s, v2", 1.0, "bbbbbbbbbbbb"),
-        InfotextLoRA("no hash", 2.0, None),
+        lora("Film Grain", 0.15000000000000002, "aaaaaaaaaaaa"),
+        lora("retro: 80s, v2", 1.0, "bbbbbbbbbbbb"),
+        lora("no hash", 2.0, None),
     ]
     text = build_infotext(config(), 1, "m", 64, 64, loras=loras)
     fields = parse_infotext(text)
@@ -87,6 +101,14 @@ def test_loras_appear_as_prompt_tokens_and_hashes() -> None:
     assert fields["Lora hashes"] == "Film Grain: aaaaaaaaaaaa, retro 80s v2: bbbbbbbbbbbb"
     assert 'Lora hashes: "Film Grain: aaaaaaaaaaaa, retro 80s v2: bbbbbbbbbbbb"' in text
     assert fields["Model"] == "m"
+
+
+def test_component_weights_are_a1111_te_unet_tokens() -> None:
+    assert lora_token(lora("full", 0.8, None)) == "<lora:full:0.8>"
+    assert lora_token(lora("full", 0.8, None, unet_weight=1.25)) == "<lora:full:0.8:1.25>"
+    assert lora_token(lora("full", 0.8, None, text_encoder_weight=0)) == "<lora:full:0:0.8>"
+    text = build_infotext(config(), 1, "m", 64, 64, loras=[lora("a:b", 1, None, unet_weight=0)])
+    assert parse_infotext(text)["Prompt"] == "a red fox <lora:ab:1:0>"
 
 
 def test_values_that_would_break_the_line_are_quoted() -> None:
