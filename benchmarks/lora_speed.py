@@ -1,4 +1,5 @@
-"""LoRA speed and memory: Plan 006's naive diffusers path against our harvest-and-fuse path.
+"""LoRA speed and memory: Plan 006's naive diffusers path against the engine's prepare-and-fuse
+path.
 
 Run with ``make bench`` or::
 
@@ -20,25 +21,28 @@ Rows (median and spread over the repeats, by default 20 on the tiny model and 5 
 SD 1.5-sized one; spread is p10–p90 with 10 or more samples, else min–max):
 
 ``naive: apply 5`` / ``naive: remove`` / ``naive: apply + remove``
-    The baseline, ``PipelineManager`` with the LoRA cache disabled: ``load_loras`` (five
-    ``load_lora_weights`` and one ``set_adapters``), then ``unload_loras``
-    (``unload_lora_weights``).
+    The baseline, Plan 006 itself on the same pipeline: five ``load_lora_weights`` and one
+    ``set_adapters``, then ``unload_lora_weights``.
+``app, cache off``
+    What the app does with ``LOCALAI_LORA_CACHE_MAX_COUNT=0``: enter and exit the engine's
+    ``applied`` with a disabled ``LoRACache``; each file is prepared (read and mapped onto the
+    model, which is the fit check) on every request, then the plain files go through Plan 006.
 ``ours: cold``
-    The fast path with an empty ``HarvestCache``: enter and exit ``loras_applied`` once, for LoRA
-    files not seen before (each is harvested through diffusers, then the set is fused and the
-    weights restored).
+    The engine with an emptied ``LoRACache``: enter and exit ``apply_loras`` once, for LoRA
+    files not seen before (each is prepared: read and mapped onto the model; then the set is
+    fused and the weights restored).
 ``ours: warm``
-    The same set again, all five harvested: fuse on enter, restore on exit.
+    The same set again, all five prepared: fuse on enter, restore on exit.
 ``ours: switch {1,2,3} <-> {3,4,5}``
-    Alternating two harvested sets that share one LoRA; one sample is one set's enter + exit.
+    Alternating two prepared sets that share one LoRA; one sample is one set's enter + exit.
 ``floor``
-    What no apply can beat: a ``clone`` of one flat tensor as large as the set's harvested
-    factors (reading the LoRA bytes once) plus a ``copy_`` into tensors shaped like the weights
+    What no apply can beat: a ``clone`` of one flat tensor as large as the set's prepared
+    tensors (reading the LoRA bytes once) plus a ``copy_`` into tensors shaped like the weights
     the set touches (one pass over them).
 ``step: base`` / ``step: 5 fused (ours)`` / ``step: 5 unfused adapters (naive)``
     One UNet forward on a classifier-free-guidance batch of 2, the unit of the denoising loop
     (64x64 px; 512x512 px for the SD 1.5-sized model on CUDA): without LoRAs, inside
-    ``loras_applied`` (fused) and with the five loaded as PEFT adapters by ``load_loras``. The
+    ``apply_loras`` (fused) and with the five loaded as PEFT adapters (Plan 006). The
     notes check that fused and unfused agree and that the base output is bit-identical
     afterwards. On the CPU a step's time also depends on glibc's allocator state: in some
     processes every SD 1.5-sized step page-faults ~1.7 GiB of freshly mapped buffers again
@@ -107,6 +111,8 @@ def summary_lines(bench: Bench) -> list[str]:
         f"- {label}: per step, 5 fused {100 * (m['step_fused'] / m['step_base'] - 1):+.1f} % vs "
         f"base ({m['step_fused']:.1f} vs {m['step_base']:.1f} ms); 5 unfused adapters "
         f"{100 * (m['step_unfused'] / m['step_base'] - 1):+.1f} % ({m['step_unfused']:.1f} ms).",
+        f"- {label}: with the cache off the app's apply + remove is {m['cache_off']:.1f} ms "
+        f"({speedup(m['naive'], m['cache_off'])} than naive: it also prepares every file).",
     ]
 
 
@@ -164,8 +170,8 @@ def run_model(
     progress(f"  loaded in {time.perf_counter() - started:.1f} s")
     repeats = args.repeats or spec.default_repeats
     with tempfile.TemporaryDirectory(prefix="lora-bench-") as folder:
-        adapters = write_lora_set(manager.pipeline, Path(folder), spec.key)
-        bench = Bench(spec, manager, adapters, Clock(device), repeats)
+        requests = write_lora_set(manager.pipeline, Path(folder), spec.key)
+        bench = Bench(spec, manager, requests, Clock(device), repeats)
         steps: list[tuple[str, Callable[[], None]]] = [
             ("apply/remove rounds", lambda: bench_apply_remove(bench)),
             ("step rounds", lambda: bench_steps(bench)),

@@ -20,7 +20,8 @@ from typing import Any
 import psutil
 import torch
 
-from app.cores.model_manager.pipeline_manager import AdapterSpec, PipelineManager
+from app.cores.lora_engine import LoRARequest
+from app.cores.model_manager.pipeline_manager import PipelineManager
 from benchmarks.models import ModelSpec
 
 MiB = 1024 * 1024
@@ -74,7 +75,7 @@ class Bench:
 
     spec: ModelSpec
     manager: PipelineManager
-    adapters: list[AdapterSpec]
+    requests: list[LoRARequest]
     clock: Clock
     repeats: int
     rows: list[Row] = field(default_factory=list)

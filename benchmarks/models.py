@@ -25,13 +25,13 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from app.config import Settings
+from app.cores.lora_engine import LoRACache, LoRARequest
 from app.cores.model_manager.embedded_model import (
     EMBEDDED_MODEL_FOLDER,
     build_embedded_model,
     write_tokenizer,
 )
-from app.cores.model_manager.lora_fusion import HarvestCache
-from app.cores.model_manager.pipeline_manager import AdapterSpec, PipelineManager
+from app.cores.model_manager.pipeline_manager import PipelineManager
 from tests.factories.lora_files import LoRAFileFormat, write_lora
 
 LORA_COUNT = 5
@@ -168,10 +168,10 @@ def prepare_model(spec: ModelSpec, cache_dir: Path) -> tuple[Path, float | None]
     return model_dir, build_sd15_model(model_dir)
 
 
-def new_lora_cache() -> HarvestCache:
-    """A HarvestCache with the app's default limits."""
+def new_lora_cache() -> LoRACache:
+    """A LoRACache with the app's default limits."""
     fields = Settings.model_fields
-    return HarvestCache(
+    return LoRACache(
         max_count=fields["lora_cache_max_count"].default,
         max_bytes=fields["lora_cache_max_bytes"].default,
     )
@@ -190,9 +190,9 @@ def load_manager(spec: ModelSpec, model_dir: Path, device: torch.device) -> Pipe
     )
 
 
-def write_lora_set(pipeline: Any, folder: Path, model_key: str) -> list[AdapterSpec]:
+def write_lora_set(pipeline: Any, folder: Path, model_key: str) -> list[LoRARequest]:
     """Five rank-32 LoRAs for the UNet and the text encoder: Kohya, PEFT, Kohya, PEFT, Kohya."""
-    specs = []
+    requests = []
     for index in range(1, LORA_COUNT + 1):
         fmt: LoRAFileFormat = "kohya" if index % 2 else "peft"
         path = write_lora(
@@ -203,16 +203,16 @@ def write_lora_set(pipeline: Any, folder: Path, model_key: str) -> list[AdapterS
             rank=LORA_RANK,
             seed=index,
         )
-        specs.append(
-            AdapterSpec(
-                adapter_name=f"bench_{index}",
-                display_name=path.name,
-                path=str(path),
+        requests.append(
+            LoRARequest(
+                id=index,
+                name=path.name,
+                path=path,
+                content_key=f"{model_key}:{index}",
                 weight=LORA_WEIGHT,
-                cache_key=f"{model_key}:{index}",
             )
         )
-    return specs
+    return requests
 
 
 def weight_bytes(pipeline: Any) -> int:

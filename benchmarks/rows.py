@@ -16,46 +16,68 @@ from typing import Any
 import torch
 from diffusers import EulerDiscreteScheduler
 
-from app.cores.model_manager.lora_fusion import HarvestedLoRA, lora_components
-from app.cores.model_manager.pipeline_manager import (
-    AdapterSpec,
-    DiffusionParams,
-    PipelineManager,
-)
+from app.cores.lora_engine import LoRACache, LoRAEngine, LoRARequest
+from app.cores.lora_engine.layer_math import layer_rank
+from app.cores.lora_engine.preparation import PreparedLoRA
+from app.cores.model_manager.pipeline_manager import DiffusionParams, PipelineManager
 from benchmarks.measure import Bench, MiB, progress, rss_bytes, trimmed_rss_bytes
-from benchmarks.models import new_lora_cache, weight_bytes
+from benchmarks.models import weight_bytes
 
 CYCLE_PX = 64
 MIN_CYCLES = 10
+_NAIVE_COMPONENTS = ("unet", "text_encoder")
+
+
+def naive_load(pipeline: Any, requests: Sequence[LoRARequest]) -> None:
+    """Plan 006: each LoRA loaded by diffusers as its own PEFT adapter, then all activated
+    with their weights (what the engine does with the cache disabled, after preparing)."""
+    names = [f"bench_{request.id}" for request in requests]
+    for name, request in zip(names, requests, strict=True):
+        pipeline.load_lora_weights(str(request.path), adapter_name=name, use_safetensors=True)
+    pipeline.set_adapters(
+        names,
+        adapter_weights=[{c: r.weight_for(c) for c in _NAIVE_COMPONENTS} for r in requests],
+    )
+
+
+def naive_unload(pipeline: Any) -> None:
+    """Plan 006: remove every adapter; the modules are the base model's own again."""
+    pipeline.unload_lora_weights()
 
 
 def bench_apply_remove(bench: Bench) -> None:
-    """Naive, cold, warm, switch and floor rows, interleaved round by round.
+    """Naive, app-with-cache-off, cold, warm, switch and floor rows, round by round.
 
     The machine is shared and its load drifts: measuring every variant in each round keeps
     the comparison fair. Round 0 is a warm-up and is not recorded.
     """
-    manager, adapters, clock = bench.manager, bench.adapters, bench.clock
-    sets = [adapters[0:3], adapters[2:5]]
+    manager, requests, clock = bench.manager, bench.requests, bench.clock
+    pipeline = manager.pipeline
+    cache_off = LoRAEngine(pipeline, manager.family, bench.device, LoRACache(0, 0))
+    sets = [requests[0:3], requests[2:5]]
     samples: dict[str, list[float]] = {}
     floor: Callable[[], None] | None = None
     for round_index in range(bench.repeats + 1):
         measured: dict[str, float] = {}
         gc.collect()
-        measured["naive_apply"] = clock.ms(lambda: manager.load_loras(adapters))
-        measured["naive_remove"] = clock.ms(manager.unload_loras)
-        manager.lora_cache = new_lora_cache()
+        measured["naive_apply"] = clock.ms(lambda: naive_load(pipeline, requests))
+        measured["naive_remove"] = clock.ms(lambda: naive_unload(pipeline))
+        gc.collect()
+        measured["off_enter"], measured["off_exit"] = clock.enter_exit_ms(
+            cache_off.applied(requests)
+        )
+        manager.loras.cache.clear()
         gc.collect()
         measured["cold_enter"], measured["cold_exit"] = clock.enter_exit_ms(
-            manager.loras_applied(adapters)
+            manager.apply_loras(requests)
         )
         gc.collect()
         measured["warm_enter"], measured["warm_exit"] = clock.enter_exit_ms(
-            manager.loras_applied(adapters)
+            manager.apply_loras(requests)
         )
         for index, chosen in enumerate(sets):
             gc.collect()
-            entered, exited = clock.enter_exit_ms(manager.loras_applied(chosen))
+            entered, exited = clock.enter_exit_ms(manager.apply_loras(chosen))
             measured[f"switch_{index}"] = entered + exited
         if floor is None:
             floor = floor_pass(bench)
@@ -84,8 +106,15 @@ def report_apply_remove(bench: Bench, samples: dict[str, list[float]]) -> None:
         _sum(samples["naive_apply"], samples["naive_remove"]),
     )
     bench.timing(
+        "cache_off",
+        "app, cache off: apply + remove (prepare 5 + naive)",
+        _sum(samples["off_enter"], samples["off_exit"]),
+        f"LOCALAI_LORA_CACHE_MAX_COUNT=0: each file read and mapped, then Plan 006; enter "
+        f"{median(samples['off_enter']):.1f} / exit {median(samples['off_exit']):.1f} ms",
+    )
+    bench.timing(
         "cold",
-        "ours: cold, first use of the set (harvest 5 + fuse + restore)",
+        "ours: cold, first use of the set (prepare 5 + fuse + restore)",
         _sum(samples["cold_enter"], samples["cold_exit"]),
         f"enter {median(samples['cold_enter']):.1f} / exit {median(samples['cold_exit']):.1f} ms",
     )
@@ -98,7 +127,7 @@ def report_apply_remove(bench: Bench, samples: dict[str, list[float]]) -> None:
     )
     bench.timing(
         "switch",
-        "ours: switch {1,2,3} <-> {3,4,5} (harvested)",
+        "ours: switch {1,2,3} <-> {3,4,5} (prepared)",
         samples["switch_0"] + samples["switch_1"],
         f"one sample = one set's enter + exit; {{1,2,3}} {median(samples['switch_0']):.1f} / "
         f"{{3,4,5}} {median(samples['switch_1']):.1f} ms",
@@ -111,40 +140,51 @@ def report_apply_remove(bench: Bench, samples: dict[str, list[float]]) -> None:
     )
 
 
-def harvested_set(bench: Bench) -> list[HarvestedLoRA]:
-    entries = [bench.manager.lora_cache.get(a.cache_key) for a in bench.adapters]
+def prepared_set(bench: Bench) -> list[PreparedLoRA]:
+    entries = [bench.manager.loras.cache.get(r.content_key) for r in bench.requests]
     found = [entry for entry in entries if entry is not None]
     assert len(found) == len(entries), "run cold first"
     return found
 
 
 def touched_weights(
-    pipeline: Any, entries: Sequence[HarvestedLoRA]
+    pipeline: Any, entries: Sequence[PreparedLoRA]
 ) -> dict[tuple[str, str], torch.Tensor]:
     """The weight tensors the LoRAs change, each once, by (component, module name)."""
-    components = lora_components(pipeline)
+    keys = {
+        (target.component, target.module)
+        for entry in entries
+        for prepared in entry.layers
+        for target in prepared.targets
+    }
     weights = {}
-    for component, module_name in sorted({key for entry in entries for key in entry.layers}):
-        weight = components[component].get_submodule(module_name).weight
+    for component, module_name in sorted(keys):
+        weight = getattr(pipeline, component).get_submodule(module_name).weight
         assert isinstance(weight, torch.Tensor)
         weights[(component, module_name)] = weight.detach()
     return weights
 
 
 def delta_gflop(
-    entries: Sequence[HarvestedLoRA], weights: dict[tuple[str, str], torch.Tensor]
+    entries: Sequence[PreparedLoRA], weights: dict[tuple[str, str], torch.Tensor]
 ) -> float:
-    """Multiply-adds of the fused deltas (out x sum of ranks x in per layer), in GFLOP."""
+    """Multiply-adds of the fused deltas (rows x rank x columns per layer target), in GFLOP."""
     total = 0
-    for key, weight in weights.items():
-        ranks = sum(entry.layers[key].down.shape[0] for entry in entries if key in entry.layers)
-        total += 2 * weight.numel() * ranks
+    for entry in entries:
+        for prepared in entry.layers:
+            rank = layer_rank(prepared.layer) or 0
+            for target in prepared.targets:
+                weight = weights[(target.component, target.module)]
+                rows = (
+                    weight.shape[0] if target.rows is None else target.rows.stop - target.rows.start
+                )
+                total += 2 * rows * (weight.numel() // weight.shape[0]) * rank
     return total / 1e9
 
 
 def floor_pass(bench: Bench) -> Callable[[], None]:
     """clone of the set's LoRA bytes + copy_ over tensors shaped like the touched weights."""
-    entries = harvested_set(bench)
+    entries = prepared_set(bench)
     touched = touched_weights(bench.manager.pipeline, entries)
     weights = list(touched.values())
     lora_bytes = sum(entry.nbytes for entry in entries)
@@ -212,13 +252,13 @@ def bench_steps(bench: Bench) -> None:
     # No gc.collect() here: the step right after one is measurably slower on the tiny model.
     for round_index in range(bench.repeats + 1):
         two_steps("base", round_index)
-        with manager.loras_applied(bench.adapters):
+        with manager.apply_loras(bench.requests):
             two_steps("fused", round_index)
-        manager.load_loras(bench.adapters)
         try:
+            naive_load(manager.pipeline, bench.requests)
             two_steps("unfused", round_index)
         finally:
-            manager.unload_loras()
+            naive_unload(manager.pipeline)
     base_before = outputs["base"]
     base_after = step()
     fused_out, unfused_out = outputs["fused"].float(), outputs["unfused"].float()
@@ -255,7 +295,7 @@ def bench_steps(bench: Bench) -> None:
     )
 
 
-def _generate_cycle(manager: PipelineManager, adapters: list[AdapterSpec]) -> None:
+def _generate_cycle(manager: PipelineManager, requests: list[LoRARequest]) -> None:
     """Apply, generate one 1-step 64x64 image with CFG, remove."""
     params = DiffusionParams(
         prompt="a lighthouse on a cliff at sunset",
@@ -264,9 +304,9 @@ def _generate_cycle(manager: PipelineManager, adapters: list[AdapterSpec]) -> No
         cfg_scale=7.0,
         clip_skip=1,
         seeds=[0],
-        scheduler=EulerDiscreteScheduler.from_config(manager.scheduler_config),
+        scheduler=EulerDiscreteScheduler.from_config(dict(manager.scheduler_config)),
     )
-    with manager.loras_applied(adapters):
+    with manager.apply_loras(requests):
         manager.text_to_image(params, CYCLE_PX, CYCLE_PX, None)
 
 
@@ -278,14 +318,14 @@ def bench_memory(bench: Bench, max_cycles: int, budget_s: float) -> None:
     """
     manager, clock = bench.manager, bench.clock
     cuda = bench.device.type == "cuda"
-    times = [clock.ms(lambda: _generate_cycle(manager, bench.adapters))]
+    times = [clock.ms(lambda: _generate_cycle(manager, bench.requests))]
     gc.collect()
     rss_first = rss_bytes()
     trimmed_first = trimmed_rss_bytes()
     peak_first = torch.cuda.max_memory_allocated(bench.device) if cuda else 0
     deadline = time.perf_counter() + budget_s
     while len(times) < max_cycles and (len(times) < MIN_CYCLES or time.perf_counter() < deadline):
-        times.append(clock.ms(lambda: _generate_cycle(manager, bench.adapters)))
+        times.append(clock.ms(lambda: _generate_cycle(manager, bench.requests)))
     cycles = len(times)
     progress(f"  {cycles} cycles, median {statistics.median(times):.0f} ms")
     gc.collect()
