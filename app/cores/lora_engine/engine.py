@@ -73,9 +73,13 @@ class LoRAEngine:
                 request.id,
                 request.describe_weight(),
             )
-        if not self.cache.enabled and all(entry.plain for entry in prepared):
-            with self._through_diffusers(requests):
+        plan_006 = not self.cache.enabled and all(e.diffusers_loads_it for e in prepared)
+        if plan_006 and self._loaded_as_adapters(requests):
+            try:
                 yield
+            finally:
+                self._pipeline.unload_lora_weights()
+                logger.info("Unloaded all LoRAs")
             return
         with fused(self._mapper, list(zip(prepared, requests, strict=True))) as changed:
             logger.info("Fused %d LoRA(s) into %d tensors", len(requests), changed)
@@ -101,10 +105,11 @@ class LoRAEngine:
             entries.append(entry)
         return entries
 
-    @contextlib.contextmanager
-    def _through_diffusers(self, requests: Sequence[LoRARequest]) -> Iterator[None]:
-        """Plan 006: each LoRA as a PEFT adapter for the request, unloaded afterwards (which
-        leaves the modules bit-identical: measured, see NOTES-LORA-FACTS)."""
+    def _loaded_as_adapters(self, requests: Sequence[LoRARequest]) -> bool:
+        """Plan 006: each LoRA as a PEFT adapter for the request (``unload_lora_weights``
+        afterwards leaves the modules bit-identical: measured, see NOTES-LORA-FACTS). False,
+        with nothing loaded, when diffusers cannot load one (it cannot tell the format of a
+        Kohya text-encoder file without out_proj/MLP layers, for one): the engine fuses them."""
         pipeline = self._pipeline
         names = [f"lora_{request.id}" for request in requests]
         components = [
@@ -120,11 +125,12 @@ class LoRAEngine:
                 names,
                 adapter_weights=[{c: r.weight_for(c) for c in components} for r in requests],
             )
-            logger.info("Loaded %d LoRA(s) as adapters", len(requests))
-            yield
-        finally:
+        except Exception as error:  # diffusers raises many kinds for files it cannot read
             pipeline.unload_lora_weights()
-            logger.info("Unloaded all LoRAs")
+            logger.info("diffusers cannot load these LoRAs (%s); fusing them instead", error)
+            return False
+        logger.info("Loaded %d LoRA(s) as adapters", len(requests))
+        return True
 
     def close(self) -> None:
         self.cache.clear()

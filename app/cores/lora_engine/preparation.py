@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from app.cores.lora_engine.errors import LoRAIncompatibleError
 from app.cores.lora_engine.file_reader import LoRAFileError, read_layers
@@ -40,22 +40,15 @@ class PreparedLayer:
 class PreparedLoRA:
     key: str
     layers: tuple[PreparedLayer, ...]
-    original_names: bool
-    """Some layers use the original model code's names (SGM, BFL, SAI), which diffusers' own
-    loader reads differently or not at all."""
+    diffusers_loads_it: bool
+    """Only plain LoRA layers, in diffusers' module names, each shaped like its module's
+    weight, with one alpha for all: what ``load_lora_weights`` applies the same way (Plan
+    006's path). Original model names (SGM, BFL, SAI, XLabs), LyCORIS kinds, DoRA, reshaped
+    layers and per-layer alphas are the engine's."""
 
     @property
     def nbytes(self) -> int:
         return sum(prepared.layer.nbytes for prepared in self.layers)
-
-    @property
-    def plain(self) -> bool:
-        """Only plain LoRA layers in diffusers' names: what ``load_lora_weights`` applies the
-        same way (Plan 006's path)."""
-        return not self.original_names and all(
-            p.layer.kind == "lora" and "mid" not in p.layer.tensors and p.layer.dora is None
-            for p in self.layers
-        )
 
 
 def _examples(names: Sequence[str]) -> str:
@@ -77,7 +70,7 @@ def _read(request: LoRARequest, device: torch.device) -> list[FileLayer]:
         layers = read_layers(tensors, metadata)
     except FileNotFoundError:
         raise LoRAIncompatibleError(f"{label} cannot be used: its file is missing.") from None
-    except (OSError, LoRAFileError, ValueError) as error:
+    except (OSError, LoRAFileError, ValueError, SafetensorError) as error:
         raise LoRAIncompatibleError(f"{label} cannot be used: {error}") from None
     if not layers:
         raise LoRAIncompatibleError(f"{label} cannot be used: it contains no LoRA layers.")
@@ -106,7 +99,7 @@ def prepare(request: LoRARequest, mapper: KeyMapper, device: torch.device) -> Pr
     missing: list[str] = []
     mismatched: list[str] = []
     cross: list[tuple[int, int]] = []
-    original = False
+    plain = True
     for layer in layers:
         targets = mapper.targets(layer.name)
         if targets is None:
@@ -121,7 +114,14 @@ def prepare(request: LoRARequest, mapper: KeyMapper, device: torch.device) -> Pr
             rows = sum(int(mapper.weight(t).shape[0]) for t in targets)
         else:
             rows = int(first.shape[0])
-        original = original or len(targets) > 1 or mapper.uses_original_name(layer.name)
+        plain = plain and (
+            len(targets) == 1
+            and not mapper.uses_original_name(layer.name)
+            and layer.kind is LayerKind.LORA
+            and "mid" not in layer.tensors
+            and layer.dora is None
+            and layer.tensors["down"].ndim == first.ndim
+        )
         actual = delta_size(layer)
         if not _has_weight_part(layer):  # only a bias difference: its length is all to check
             columns = 1
@@ -138,7 +138,9 @@ def prepare(request: LoRARequest, mapper: KeyMapper, device: torch.device) -> Pr
         raise LoRAIncompatibleError(
             _incompatibility(request.name, len(layers), missing, mismatched, cross)
         )
-    return PreparedLoRA(request.content_key, tuple(prepared), original)
+    # diffusers applies one alpha (the most common) to every layer of a Kohya file.
+    alphas = {p.layer.alpha for p in prepared}
+    return PreparedLoRA(request.content_key, tuple(prepared), plain and len(alphas) <= 1)
 
 
 def _incompatibility(
