@@ -207,11 +207,29 @@ class PipelineManager:
         return int(getattr(getattr(encoder, "config", None), "num_hidden_layers", 1) or 1)
 
     def _common_kwargs(self, params: DiffusionParams) -> dict[str, Any]:
+        """The UI's fields as this family's pipeline takes them (README, "Model families"):
+
+        * ``cfg_scale`` is classifier-free guidance for SD 1.x/2.x/SDXL/SD3; FLUX.1 dev is
+          guidance-distilled: the value goes to its guidance embedding (``guidance_scale``,
+          3.5 is FLUX.1 dev's usual value), and FLUX.1 schnell has none and ignores it.
+        * ``negative_prompt`` needs CFG: FLUX.1 runs without it (true CFG would double the
+          cost of every step), so it is ignored there, with a log line.
+        * ``clip_skip`` (A1111's count: 1 = none) applies to every CLIP encoder (both of
+          SDXL's and SD3's); FLUX.1's pipeline has no such option (``_for_pipeline`` logs it).
+        """
         # A1111 counts clip skip from 1 (no skip); diffusers counts skipped layers.
         skipped = min(params.clip_skip - 1, self._text_encoder_layers() - 1)
+        negative: str | None = params.negative_prompt
+        if self.family.architecture is ModelFamily.FLUX:
+            if negative:
+                logger.info("FLUX.1 runs without classifier-free guidance: negative prompt ignored")
+            negative = None
+            transformer = getattr(self.pipeline, "transformer", None)
+            if not getattr(getattr(transformer, "config", None), "guidance_embeds", True):
+                logger.info("This FLUX.1 model has no guidance input: cfg_scale ignored")
         return {
             "prompt": [params.prompt] * len(params.seeds),
-            "negative_prompt": [params.negative_prompt] * len(params.seeds),
+            "negative_prompt": [negative] * len(params.seeds) if negative is not None else None,
             "num_inference_steps": params.steps,
             "guidance_scale": params.cfg_scale,
             "clip_skip": skipped if skipped > 0 else None,

@@ -88,3 +88,20 @@ async def test_hires_fix_runs(client: httpx.AsyncClient, family: str) -> None:
     response = await generate(client, **SIZE, seed=5, hires_fix=hires)
     [image] = await pixels(client, response)
     assert image.shape == (128, 128, 3)
+
+
+async def test_what_cfg_scale_and_negative_prompt_mean_per_family(
+    client: httpx.AsyncClient, family: str
+) -> None:
+    """CFG families use both; FLUX.1 dev feeds cfg_scale to its guidance embedding and runs
+    without a negative prompt; FLUX.1 schnell uses neither (README, "Model families")."""
+
+    async def image(**fields: Any) -> np.ndarray:
+        [pixels_] = await pixels(client, await generate(client, **SIZE, seed=9, **fields))
+        return pixels_
+
+    base = await image(cfg_scale=4.0, negative_prompt="")
+    cfg_changes = not np.array_equal(base, await image(cfg_scale=1.5, negative_prompt=""))
+    negative_changes = not np.array_equal(base, await image(cfg_scale=4.0, negative_prompt="fog"))
+    assert cfg_changes is (family != "flux-schnell")
+    assert negative_changes is (family not in ("flux-dev", "flux-schnell"))
