@@ -141,6 +141,8 @@ ATTENTION_WIDTHS: Mapping[ModelFamily, frozenset[int]] = {
     ModelFamily.TINY_SDXL: frozenset({64}),  # likewise, none in its 32-wide blocks
 }
 """Widths of each UNet family's attention layers."""
+UNET_BLOCK_WIDTHS = {f: _TINY_WIDTHS if f.is_tiny else _SD_WIDTHS for f in ATTENTION_WIDTHS}
+"""Channel widths of each UNet family's blocks (resnets): real and tiny, no finer."""
 TEXT_ENCODER_WIDTHS: Mapping[int, frozenset[ModelFamily]] = {
     768: frozenset({ModelFamily.SD1, ModelFamily.SDXL}),  # CLIP ViT-L
     1024: frozenset({ModelFamily.SD2}),  # OpenCLIP ViT-H

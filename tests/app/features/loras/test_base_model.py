@@ -1,8 +1,9 @@
-"""Base-model detection from LoRA keys and shapes, metadata claims, and model families.
+"""Base-model detection from LoRA keys and shapes, and metadata claims.
 
 Real files throughout: family-shaped LoRAs from ``tests.factories.family_loras`` (realistic
-names and widths, rank 1), LoRAs for the tiny embedded model from ``lora_files``, and a few
-hand-made key sets for the edge cases.
+names at the real models' and the tiny test models' widths, rank 1, in each trainer's format),
+LoRAs for the tiny embedded model from ``lora_files``, and a few hand-made key sets for the
+edge cases (headers alone where a real-size tensor would be megabytes).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from diffusers import DiffusionPipeline
 from safetensors.torch import save_file
 
 from app.cores.model_manager.embedded_model import _CROSS_ATTENTION_DIM
@@ -23,14 +25,17 @@ from app.cores.model_manager.model_family import (
 from app.features.loras.base_model import (
     Detection,
     MetadataClaim,
+    _lycoris_widths,
     base_model_of,
     conflict_note,
     detect_base_model,
+    is_compatible,
     metadata_claim,
     resolve_base_model,
 )
-from app.features.loras.safetensors_file import SafetensorsHeader, read_header
-from tests.factories.family_loras import write_family_lora
+from app.features.loras.safetensors_file import SafetensorsHeader, TensorInfo, read_header
+from tests.factories.family_loras import FORMATS, Family, FamilyFormat, Size, write_family_lora
+from tests.factories.family_models import FamilyModelDir
 from tests.factories.lora_files import write_lora, write_unknown_modules, write_wrong_shapes
 
 F = ModelFamily
@@ -60,23 +65,62 @@ def peft(name: str, width_in: int, width_out: int, rank: int = 1) -> dict[str, t
     return {f"{name}.lora_A.weight": (rank, width_in), f"{name}.lora_B.weight": (width_out, rank)}
 
 
+def in_memory(shapes: dict[str, tuple[int, ...]], **metadata: str) -> SafetensorsHeader:
+    """A header without a file: detection reads names and shapes only."""
+    tensors = {key: TensorInfo("F16", shape, (0, 0)) for key, shape in shapes.items()}
+    return SafetensorsHeader(tensors=tensors, metadata=metadata, header_length=0, file_size=0)
+
+
+TINY_VARIANTS: dict[Family, ModelFamily] = {
+    "sd1": F.TINY,
+    "sd2": F.TINY_SD2,
+    "sdxl": F.TINY_SDXL,
+    "sd3": F.TINY_SD3,
+    "flux": F.TINY_FLUX,
+}
+
+
 # ---------------------------------------------------------------------------------------------
 # Real families
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl", "sd3", "flux"])
-@pytest.mark.parametrize("fmt", ["kohya", "peft"])
+@pytest.mark.parametrize(
+    ("family", "fmt"), [(family, fmt) for family, formats in FORMATS.items() for fmt in formats]
+)
+@pytest.mark.parametrize("size", ["real", "tiny"])
 @pytest.mark.parametrize("text_encoders", [True, False], ids=["with-te", "no-te"])
 def test_family_shaped_loras_are_detected(
-    tmp_path: Path, family: Any, fmt: Any, text_encoders: bool
+    tmp_path: Path, family: Family, fmt: FamilyFormat, size: Size, text_encoders: bool
 ) -> None:
     path = write_family_lora(
-        tmp_path / "x.safetensors", family, fmt=fmt, text_encoders=text_encoders
+        tmp_path / "x.safetensors", family, fmt=fmt, size=size, text_encoders=text_encoders
     )
-    assert path.stat().st_size < 200_000  # tiny ranks, few layers
+    assert path.stat().st_size < 300_000  # tiny ranks, few layers
     detection = detect_base_model(header_of(path))
-    assert detection.family == ModelFamily(family), detection
-    assert detection.evidence
+    expected = ModelFamily(family) if size == "real" else TINY_VARIANTS[family]
+    assert detection.family is expected, detection
+    if fmt == "kohya_t5" and text_encoders:
+        width = 4096 if size == "real" else 64
+        assert detection.evidence.endswith(f"; T5 text-encoder layers {width} wide")
+
+
+@pytest.mark.parametrize("family", TINY_VARIANTS)
+def test_tiny_loras_fit_the_tiny_model_and_real_ones_the_real_model(
+    tmp_path: Path, family: Family, family_model_dir: FamilyModelDir
+) -> None:
+    folder = family_model_dir("flux-dev" if family == "flux" else family)
+    tiny_model = family_of_pipeline(DiffusionPipeline.from_pretrained(str(folder)))
+    real_model = ModelFamily(family)
+    fmt = FORMATS[family][-1]  # a LoKr SDXL file, an XLabs FLUX.1 one
+    tiny = detect_base_model(
+        header_of(write_family_lora(tmp_path / "t", family, fmt=fmt, size="tiny"))
+    )
+    real = detect_base_model(header_of(write_family_lora(tmp_path / "r", family, fmt=fmt)))
+    assert (tiny.family, real.family) == (tiny_model, real_model)
+    assert is_compatible(tiny.family, tiny_model) is True
+    assert is_compatible(real.family, tiny_model) is False
+    assert is_compatible(tiny.family, real_model) is False
+    assert tiny_model.architecture is real_model
 
 
 @pytest.mark.parametrize("fmt", ["kohya", "peft", "diffusers_legacy"])
@@ -204,8 +248,13 @@ def test_sd2_text_encoder_alone(tmp_path: Path) -> None:
         ),
         pytest.param(
             kohya("lora_unet_down_blocks_0_resnets_0_conv1", 320, 320),
-            "tells the models apart",
+            "block widths [320]",  # SD 1.x, 2.x and SDXL alike
             id="only-resnets",
+        ),
+        pytest.param(
+            kohya("lora_unet_time_embedding_linear_1", 320, 1280),
+            "tells the models apart",
+            id="only-time-embedding",
         ),
     ],
 )
@@ -220,6 +269,103 @@ def test_unrecognised_shapes_are_unknown(
 def test_sd3_large_width(tmp_path: Path) -> None:
     shapes = peft("transformer.transformer_blocks.37.attn.add_k_proj", 2432, 2432)
     assert detect_base_model(write_shapes(tmp_path / "x.safetensors", shapes)).family is F.SD3
+
+
+_SDXL_K = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"
+_SD_K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+
+
+def roles(stem: str, **shapes: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    return {f"{stem}.{role}": shape for role, shape in shapes.items()}
+
+
+@pytest.mark.parametrize(
+    ("shapes", "family"),
+    [
+        (roles(_SDXL_K, diff=(640, 2048)), F.SDXL),
+        (roles(_SDXL_K, lokr_w1=(8, 32), lokr_w2=(80, 64)), F.SDXL),  # (8*80) x (32*64)
+        (roles(_SDXL_K, lokr_w1_a=(8, 2), lokr_w1_b=(2, 8), lokr_w2=(8, 8)), F.TINY_SDXL),
+        (roles(_SD_K, hada_w1_a=(32, 2), hada_w1_b=(2, 48)), F.TINY_SD2),
+    ],
+    ids=["diff", "lokr", "lokr-low-rank-w1", "loha"],
+)
+def test_lycoris_layers_are_read_for_their_widths(
+    shapes: dict[str, tuple[int, ...]], family: ModelFamily
+) -> None:
+    assert detect_base_model(in_memory(shapes)).family is family
+
+
+def test_tucker_lycoris_factors_are_read_transposed() -> None:
+    # Conv layers with a Tucker core store the a-factors as (rank, out): 3x3, 64 -> 32 wide.
+    loha = {"hada_t1": (4, 4, 3, 3), "hada_w1_a": (4, 32), "hada_w1_b": (4, 64)}
+    lokr = {"lokr_w1": (2, 4), "lokr_t2": (4, 4, 3, 3), "lokr_w2_a": (4, 16), "lokr_w2_b": (4, 16)}
+    assert _lycoris_widths(loha) == (64, 32)
+    assert _lycoris_widths(lokr) == (64, 32)
+
+
+_BLOCK = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0"
+_CONV = "lora_unet_down_blocks_0_resnets_0_conv1"
+
+
+@pytest.mark.parametrize(
+    ("shapes", "candidates", "evidence"),
+    [
+        (kohya(f"{_BLOCK}_attn1_to_q", 32, 32), {F.TINY, F.TINY_SD2}, "attention widths [32]"),
+        (
+            {f"{_CONV}.lora_down.weight": (1, 32, 3, 3), f"{_CONV}.lora_up.weight": (32, 1, 1, 1)},
+            None,
+            "block widths [32]",
+        ),
+    ],
+    ids=["self-attention", "locon-conv"],
+)
+def test_where_only_tiny_models_remain_the_embedded_one_is_chosen(
+    shapes: dict[str, tuple[int, ...]], candidates: set[ModelFamily] | None, evidence: str
+) -> None:
+    # The tiny UNets share their block widths; the embedded model is the one the server ships.
+    detection = detect_base_model(in_memory(shapes))
+    assert detection.family is F.TINY
+    assert detection.candidates == (candidates or {F.TINY, F.TINY_SD2, F.TINY_SDXL})
+    assert detection.evidence == f"{evidence}; the embedded model's widths"
+
+
+_T5_Q = "encoder_block_0_layer_0_SelfAttention_q"
+_FLUX_QKV = kohya("lora_unet_double_blocks_0_img_attn_qkv", 3072, 9216)
+
+
+def test_t5_layers_alone_leave_sd3_and_flux_open() -> None:
+    shapes = kohya(f"lora_te3_{_T5_Q}", 4096, 4096)
+    detection = detect_base_model(in_memory(shapes))
+    assert detection.family is F.UNKNOWN
+    assert detection.candidates == {F.SD3, F.FLUX}
+    assert detection.evidence == "T5 text-encoder layers 4096 wide and no transformer layers"
+    chosen = base_model_of(in_memory(shapes, ss_base_model_version="flux1"))
+    assert chosen.family is F.FLUX
+    assert "chosen by its metadata" in chosen.evidence
+
+
+def test_t5_layers_of_the_other_size_contradict_the_blocks() -> None:
+    detection = detect_base_model(in_memory(_FLUX_QKV | kohya(f"lora_te3_{_T5_Q}", 64, 64)))
+    assert detection.family is F.UNKNOWN
+    assert detection.evidence == (
+        "contradictory shapes (FLUX-style double/single-stream blocks 3072 wide; "
+        "T5 text-encoder layers 64 wide)"
+    )
+
+
+def test_t5_as_a_second_text_encoder_is_not_sdxls() -> None:
+    # OneTrainer names FLUX.1's T5 lora_te2_, as SDXL's second CLIP is named.
+    t5 = kohya(f"lora_te2_{_T5_Q}", 4096, 4096)
+    clip = kohya("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", 768, 768)
+    assert detect_base_model(in_memory(_FLUX_QKV | t5)).family is F.FLUX
+    assert detect_base_model(in_memory(clip | t5)).candidates == {F.SD3, F.FLUX}
+
+
+def test_one_text_encoder_alone_is_not_sdxl() -> None:
+    shapes = kohya("lora_te_text_model_encoder_layers_0_self_attn_q_proj", 768, 768)
+    detection = detect_base_model(in_memory(shapes))
+    assert detection.family is F.SD1
+    assert detection.evidence == "text-encoder width 768; layers for one text encoder only"
 
 
 # ---------------------------------------------------------------------------------------------
