@@ -1,6 +1,7 @@
 """The tiny family models: each loads through ``DiffusionPipeline.from_pretrained`` as its real
 pipeline class and draws a 64x64 image, with the same pixels for the same seed; building is
-deterministic and leaves the global torch RNG alone."""
+deterministic and leaves the global torch RNG alone. Each is detected as its family's tiny
+variant (``app.cores.model_manager.model_family``), whose width tables match its modules."""
 
 from __future__ import annotations
 
@@ -14,9 +15,22 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
+from app.cores.model_manager.model_family import (
+    ATTENTION_WIDTHS,
+    CROSS_ATTENTION_FAMILIES,
+    TINY_SD2_CROSS_ATTENTION_DIM,
+    TINY_SDXL_CROSS_ATTENTION_DIM,
+    TINY_T5_WIDTH,
+    TINY_TRANSFORMER_WIDTH,
+    ModelFamily,
+    detect_pipeline,
+)
 from tests.factories.family_models import (
     FAMILIES,
     PIPELINE_CLASSES,
+    SD2_TEXT_WIDTH,
+    SDXL_TEXT_WIDTH,
+    T5_WIDTH,
     Family,
     FamilyModelDir,
     write_family_model,
@@ -108,3 +122,62 @@ def test_family_model_build_is_seeded(
     weights = [name for name in again if name.endswith(".safetensors")]
     assert weights
     assert all(again[name] != other[name] for name in weights)
+
+
+TINY_FAMILIES: dict[Family, ModelFamily] = {
+    "sd1": ModelFamily.TINY,
+    "sd2": ModelFamily.TINY_SD2,
+    "sdxl": ModelFamily.TINY_SDXL,
+    "sd3": ModelFamily.TINY_SD3,
+    "flux-dev": ModelFamily.TINY_FLUX,
+    "flux-schnell": ModelFamily.TINY_FLUX,
+}
+FLUX = "FluxTransformer2DModel 32 wide (double-stream blocks: 1, single-stream: 1)"
+EVIDENCE: dict[Family, str] = {
+    "sd1": "UNet with 32-wide cross-attention; text encoder 32 wide (StableDiffusionPipeline)",
+    "sd2": "UNet with 48-wide cross-attention; text encoder 48 wide (StableDiffusionPipeline)",
+    "sdxl": "UNet with 64-wide cross-attention and text_time conditioning; "
+    "text encoders 32 + 32 wide (StableDiffusionXLPipeline)",
+    "sd3": "SD3Transformer2DModel 32 wide (joint blocks: 2); "
+    "text encoders 32 + 32 + 64 wide (StableDiffusion3Pipeline)",
+    "flux-dev": f"{FLUX} with guidance embedding (as FLUX.1 dev); "
+    "text encoders 32 + 64 wide (FluxPipeline)",
+    "flux-schnell": f"{FLUX} without guidance embedding (as FLUX.1 schnell); "
+    "text encoders 32 + 64 wide (FluxPipeline)",
+}
+
+
+def _widths(module: torch.nn.Module, suffix: str) -> set[int]:
+    """Input widths of the linear layers whose names end with ``suffix``."""
+    return {
+        layer.in_features
+        for name, layer in module.named_modules()
+        if name.endswith(suffix) and isinstance(layer, torch.nn.Linear)
+    }
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_model_is_detected_as_its_tiny_family(
+    family: Family, family_model_dir: FamilyModelDir
+) -> None:
+    pipeline = DiffusionPipeline.from_pretrained(
+        str(family_model_dir(family)), local_files_only=True
+    )
+    detection = detect_pipeline(pipeline)
+    assert detection.family is TINY_FAMILIES[family]
+    assert detection.evidence == EVIDENCE[family]
+    # The widths the LoRA rules expect of this family are this model's.
+    unet = getattr(pipeline, "unet", None)
+    if unet is not None:
+        assert _widths(unet, "attn1.to_q") == ATTENTION_WIDTHS[detection.family]
+        assert [CROSS_ATTENTION_FAMILIES[w] for w in _widths(unet, "attn2.to_k")] == [
+            detection.family
+        ]
+    else:
+        assert _widths(pipeline.transformer, "attn.to_q") == {TINY_TRANSFORMER_WIDTH}
+
+
+def test_tiny_widths_are_the_family_models() -> None:
+    assert TINY_SD2_CROSS_ATTENTION_DIM == SD2_TEXT_WIDTH
+    assert TINY_SDXL_CROSS_ATTENTION_DIM == 2 * SDXL_TEXT_WIDTH
+    assert TINY_T5_WIDTH == T5_WIDTH
