@@ -46,9 +46,18 @@ class LoRAEngine:
     """Applies LoRAs to one loaded pipeline (see the module docstring)."""
 
     def __init__(
-        self, pipeline: Any, family: ModelFamily, device: torch.device, cache: LoRACache
+        self,
+        pipeline: Any,
+        family: ModelFamily,
+        device: torch.device,
+        cache: LoRACache,
+        *,
+        weights_streamed: bool = False,
     ) -> None:
         self._pipeline = pipeline
+        self._weights_streamed = weights_streamed
+        """Sequential offload: the modules hold no weights between uses, so none can be
+        changed (accelerate streams them from its own copy)."""
         self._family = family
         self._device = device
         self.cache = cache
@@ -61,6 +70,13 @@ class LoRAEngine:
         if not requests:
             yield
             return
+        if self._weights_streamed:
+            raise LoRAIncompatibleError(
+                "LoRAs cannot be applied to this model as it is loaded: it does not fit the "
+                "GPU memory the backend may use even one part at a time, so its weights stream "
+                "to the GPU layer by layer. Raise the GPU memory share (gpu_scale_factor) and "
+                "load it again, or use a smaller model."
+            )
         for request in requests:
             problem = _family_problem(request, self._family)
             if problem is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -29,6 +31,10 @@ def resolve_device(setting: str, device_index: int) -> torch.device:
     return auto_device()
 
 
-def dtype_for(device: torch.device) -> torch.dtype:
-    # Half precision halves memory and doubles speed on CUDA; CPUs and MPS are safest in fp32.
-    return torch.float16 if device.type == "cuda" else torch.float32
+@dataclass(frozen=True)
+class LoadTarget:
+    """Where to load a model: the device, and the share of its memory the user allows
+    (``gpu_scale_factor``; a model that does not fit it is offloaded, see ``placement``)."""
+
+    device: torch.device
+    gpu_share: float = 1.0

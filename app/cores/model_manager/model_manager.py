@@ -22,14 +22,16 @@ import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio.to_thread
 
 from app.cores.lora_engine import LoRACache
-from app.cores.model_manager.device import dtype_for
+from app.cores.model_manager.device import LoadTarget
 from app.cores.model_manager.model_family import ModelFamily
 from app.cores.model_manager.pipeline_manager import LoadCancelledError, PipelineManager
+from app.cores.model_manager.placement import dtype_for, pipeline_class
 from app.exceptions import AppError, NoModelLoadedError
 from app.services.events import EventEmitter
 
@@ -94,7 +96,7 @@ class ModelManager:
         self,
         model_id: str,
         resolve_source: Callable[[], Awaitable[str]],
-        device_for_load: Callable[[], Any],
+        device_for_load: Callable[[], LoadTarget],
     ) -> LoadedModel | None:
         """Load ``model_id``; None when the load was cancelled or duplicated (204).
 
@@ -177,7 +179,7 @@ class ModelManager:
                 self._release()
 
     def _load_blocking(
-        self, model_id: str, source: str, epoch: int, device_for_load: Callable[[], Any]
+        self, model_id: str, source: str, epoch: int, device_for_load: Callable[[], LoadTarget]
     ) -> LoadedModel | None:
         with self._lock:
             if epoch != self._epoch:
@@ -185,7 +187,8 @@ class ModelManager:
             if self._loaded is not None and self._loaded.model_id == model_id:
                 return self._loaded  # loaded already (an overtaken unload left it in place)
             self._release()
-            device = device_for_load()
+            target = device_for_load()
+            device = target.device
             emit = self._events.emit
             emit("model_load_started", {"model_id": model_id})
 
@@ -206,10 +209,11 @@ class ModelManager:
                     model_id,
                     source,
                     device,
-                    dtype_for(device),
+                    dtype_for(device, pipeline_class(Path(source))),
                     progress,
                     should_stop=lambda: epoch != self._epoch,
                     lora_cache=LoRACache(*self._lora_cache_limits),
+                    gpu_share=target.gpu_share,
                 )
             except LoadCancelledError:
                 logger.info("Load of %s cancelled by a newer request", model_id)

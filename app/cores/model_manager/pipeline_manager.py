@@ -32,6 +32,7 @@ from app.cores.model_manager.memory import (
 )
 from app.cores.model_manager.model_family import ModelFamily, family_of_pipeline
 from app.cores.model_manager.model_hash import model_hash as hash_model_folder
+from app.cores.model_manager.placement import Placement, component_bytes, plan_placement
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class PipelineManager:
         device: torch.device,
         lora_cache: LoRACache | None = None,
         model_hash: str | None = None,
+        placement: Placement = Placement.ON_DEVICE,
     ) -> None:
         self.pipeline = pipeline
         self.model_id = model_id
@@ -109,8 +111,15 @@ class PipelineManager:
         """Computed once from the pipeline's configs; LoRAs of another family are refused."""
         self.model_hash = model_hash
         """Short hash of the denoiser weights for the PNG infotext (``model_hash``)."""
+        self.placement = placement
+        """Whole on ``device``, or offloaded to the CPU between uses (``placement``)."""
         self.loras = LoRAEngine(
-            pipeline, self.family, device, lora_cache or LoRACache(max_count=0, max_bytes=0)
+            pipeline,
+            self.family,
+            # Offloaded weights rest on the CPU: LoRAs are fused there, with the weights.
+            device if placement is Placement.ON_DEVICE else torch.device("cpu"),
+            lora_cache or LoRACache(max_count=0, max_bytes=0),
+            weights_streamed=placement is Placement.SEQUENTIAL_OFFLOAD,
         )
         """Applies LoRAs to this pipeline (the only code that changes its weights)."""
         self._scheduler_config: Mapping[str, Any] = MappingProxyType(
@@ -139,8 +148,10 @@ class PipelineManager:
         progress: ProgressCallback,
         should_stop: Callable[[], bool],
         lora_cache: LoRACache | None = None,
+        gpu_share: float = 1.0,
     ) -> PipelineManager:
-        """Load ``source`` (a diffusers folder) onto ``device``; raises LoadCancelledError."""
+        """Load ``source`` (a diffusers folder) onto ``device``, offloaded to the CPU when it
+        does not fit ``gpu_share`` of a GPU (``placement``); raises LoadCancelledError."""
 
         def checkpoint(step: int, phase: str, message: str) -> None:
             if should_stop():
@@ -156,13 +167,30 @@ class PipelineManager:
         )
         checkpoint(5, "loading_model", "Model weights loaded")
         short_hash = hash_model_folder(Path(source))
-        checkpoint(6, "device_setup", f"Moving the model to {device}")
-        pipeline.to(device)
+        memory = (
+            torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+        )
+        plan = plan_placement(
+            device, weights_bytes(pipeline), max(component_bytes(pipeline)), memory, gpu_share
+        )
+        checkpoint(6, "device_setup", plan.message)
+        if plan.placement is Placement.MODEL_OFFLOAD:
+            pipeline.enable_model_cpu_offload(device=device)
+        elif plan.placement is Placement.SEQUENTIAL_OFFLOAD:
+            pipeline.enable_sequential_cpu_offload(device=device)
+        else:
+            pipeline.to(device)
         checkpoint(7, "device_setup", "Applying optimisations")
         if device.type == "mps":
             pipeline.enable_attention_slicing()
-        manager = cls(pipeline, model_id, device, lora_cache, short_hash)
-        logger.info("%s is a %s model (hash %s)", model_id, manager.family.value, short_hash)
+        manager = cls(pipeline, model_id, device, lora_cache, short_hash, plan.placement)
+        logger.info(
+            "%s is a %s model (hash %s, %s)",
+            model_id,
+            manager.family.value,
+            short_hash,
+            plan.placement.value,
+        )
         checkpoint(8, "optimization", "Model ready")
         return manager
 

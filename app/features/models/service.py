@@ -15,7 +15,7 @@ from huggingface_hub import snapshot_download
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import EMBEDDED_MODEL_ID, Settings
-from app.cores.model_manager.device import resolve_device
+from app.cores.model_manager.device import LoadTarget, resolve_device
 from app.cores.model_manager.model_manager import ModelManager
 from app.database import crud, hooks
 from app.database.models import DownloadedModel
@@ -71,8 +71,9 @@ async def load_model(
 ) -> LoadModelResponse | None:
     """Load a model; None means the load was cancelled or is already under way (204)."""
 
-    def device_for_load() -> object:
-        return resolve_device(settings.device, read_user_config(storage).device_index)
+    def device_for_load() -> LoadTarget:
+        user = read_user_config(storage)
+        return LoadTarget(resolve_device(settings.device, user.device_index), user.gpu_scale_factor)
 
     from_hub_cache: list[str] = []
     loaded = await models.load(
