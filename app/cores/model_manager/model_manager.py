@@ -49,6 +49,8 @@ class LoadedModel:
     model_id: str
     config: dict[str, Any]
     sample_size: int
+    family: ModelFamily
+    family_evidence: str
 
 
 class ModelManager:
@@ -226,7 +228,13 @@ class ModelManager:
                 pipeline.close()
                 return None
             self._pipeline = pipeline
-            self._loaded = LoadedModel(model_id, pipeline.describe(), pipeline.sample_size)
+            self._loaded = LoadedModel(
+                model_id,
+                pipeline.describe(),
+                pipeline.sample_size,
+                pipeline.family,
+                pipeline.family_evidence,
+            )
             logger.info("Loaded %s on %s", model_id, device)
             emit("model_load_completed", {"model_id": model_id})
             return self._loaded

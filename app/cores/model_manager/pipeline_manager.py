@@ -30,7 +30,7 @@ from app.cores.model_manager.memory import (
     plan_memory,
     weights_bytes,
 )
-from app.cores.model_manager.model_family import ModelFamily, family_of_pipeline
+from app.cores.model_manager.model_family import ModelFamily, detect_pipeline
 from app.cores.model_manager.model_hash import model_hash as hash_model_folder
 from app.cores.model_manager.placement import Placement, component_bytes, plan_placement
 
@@ -107,8 +107,11 @@ class PipelineManager:
         self.pipeline = pipeline
         self.model_id = model_id
         self.device = device
-        self.family: ModelFamily = family_of_pipeline(pipeline)
+        detection = detect_pipeline(pipeline)
+        self.family: ModelFamily = detection.family
         """Computed once from the pipeline's configs; LoRAs of another family are refused."""
+        self.family_evidence = detection.evidence
+        """Why that family, in a sentence (logged at load, in the load response)."""
         self.model_hash = model_hash
         """Short hash of the denoiser weights for the PNG infotext (``model_hash``)."""
         self.placement = placement
@@ -185,9 +188,10 @@ class PipelineManager:
             pipeline.enable_attention_slicing()
         manager = cls(pipeline, model_id, device, lora_cache, short_hash, plan.placement)
         logger.info(
-            "%s is a %s model (hash %s, %s)",
+            "%s is a %s model (%s; hash %s, %s)",
             model_id,
             manager.family.value,
+            manager.family_evidence,
             short_hash,
             plan.placement.value,
         )

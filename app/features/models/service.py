@@ -84,7 +84,11 @@ async def load_model(
     if from_hub_cache:  # listed from now on; deleting it later removes the row, not the cache
         await crud.upsert_model(session, model_id, from_hub_cache[0])
     return LoadModelResponse(
-        model_id=loaded.model_id, config=loaded.config, sample_size=loaded.sample_size
+        model_id=loaded.model_id,
+        config=loaded.config,
+        sample_size=loaded.sample_size,
+        family=loaded.family.value,
+        family_evidence=loaded.family_evidence,
     )
 
 

@@ -23,6 +23,13 @@ from tests.api import fetch_png, generate, pixels
 FAMILIES = ["sd2", "sdxl", "sd3", "flux-dev", "flux-schnell"]
 FLOW_MATCHING = {"sd3", "flux-dev", "flux-schnell"}
 SIZE = {"width": 64, "height": 64, "steps": 2}
+TINY_FAMILY = {
+    "sd2": "tiny-sd2",
+    "sdxl": "tiny-sdxl",
+    "sd3": "tiny-sd3",
+    "flux-dev": "tiny-flux",
+    "flux-schnell": "tiny-flux",
+}
 
 
 @pytest.fixture(params=FAMILIES)
@@ -40,7 +47,11 @@ async def family(
         await session.commit()
     loaded = await client.post("/models/load", json={"model_id": model_id})
     assert loaded.status_code == 200, loaded.text
-    assert isinstance(loaded.json()["sample_size"], int)
+    body = loaded.json()
+    assert isinstance(body["sample_size"], int)
+    # Each tiny model is its family's tiny variant, with the evidence for it.
+    assert body["family"] == TINY_FAMILY[name], body["family_evidence"]
+    assert body["family_evidence"]
     return name
 
 
