@@ -29,14 +29,16 @@ from app.cores.lora_engine.fusion import fused
 from app.cores.lora_engine.key_mapping import COMPONENTS, KeyMapper
 from app.cores.lora_engine.preparation import PreparedLoRA, prepare
 from app.cores.lora_engine.request import LoRARequest
-from app.cores.model_manager.model_family import ModelFamily
+from app.cores.model_manager.model_family import (
+    ModelFamily,
+    incompatibility_message,
+    is_compatible,
+)
 
 logger = logging.getLogger(__name__)
 
 
 def _family_problem(request: LoRARequest, model: ModelFamily) -> str | None:
-    from app.features.loras.base_model import incompatibility_message, is_compatible
-
     if is_compatible(request.base_model, model) is not False:
         return None
     return incompatibility_message(request.name, ModelFamily(str(request.base_model)), model)
