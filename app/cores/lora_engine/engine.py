@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from app.cores.lora_engine.backups import BackupPool
 from app.cores.lora_engine.cache import LoRACache
 from app.cores.lora_engine.errors import LoRAIncompatibleError
 from app.cores.lora_engine.fusion import fused
@@ -64,6 +65,8 @@ class LoRAEngine:
         self._device = device
         self.cache = cache
         self._mapper = KeyMapper(pipeline)
+        self.backups = BackupPool()
+        """Copies of the weights the current request changed (reused across requests)."""
 
     @contextlib.contextmanager
     def applied(self, requests: Sequence[LoRARequest]) -> Iterator[None]:
@@ -99,7 +102,8 @@ class LoRAEngine:
                 self._pipeline.unload_lora_weights()
                 logger.info("Unloaded all LoRAs")
             return
-        with fused(self._mapper, list(zip(prepared, requests, strict=True))) as changed:
+        selection = list(zip(prepared, requests, strict=True))
+        with fused(self._mapper, selection, self.backups) as changed:
             logger.info("Fused %d LoRA(s) into %d tensors", len(requests), changed)
             yield
         logger.info("Restored the base weights")
@@ -152,4 +156,5 @@ class LoRAEngine:
 
     def close(self) -> None:
         self.cache.clear()
+        self.backups.clear()
         self._pipeline = None

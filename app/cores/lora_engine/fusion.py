@@ -1,10 +1,10 @@
 """Fuse prepared LoRAs into the model's weights for one generation; restore them exactly.
 
-Each touched weight is copied first; the weighted differences of every LoRA on it are summed
-in float32 on the weight's device and added once, so the denoising loop runs at the base
-model's speed; afterwards the copies are put back with ``copy_``: the base weights are
-bit-identical after every generation (``fuse_lora``/``unfuse_lora`` are not: subtracting
-again leaves rounding errors). DoRA layers are not additive: they rescale the summed weight,
+Each touched weight is copied first (into reused host buffers: ``backups``); the weighted
+differences of every LoRA on it are summed in float32 on the weight's device and added once,
+so the denoising loop runs at the base model's speed; afterwards the copies are put back
+with ``copy_``: the base weights are bit-identical after every generation
+(``fuse_lora``/``unfuse_lora`` are not: subtracting again leaves rounding errors). DoRA layers are not additive: they rescale the summed weight,
 one after the other, in the order the request lists them (as A1111 and ComfyUI apply them).
 
 Runs with the pipeline lock held.
@@ -19,6 +19,7 @@ from dataclasses import replace
 
 import torch
 
+from app.cores.lora_engine.backups import BackupPool
 from app.cores.lora_engine.key_mapping import KeyMapper
 from app.cores.lora_engine.layer_math import bias_delta, dora_weight, weight_delta
 from app.cores.lora_engine.layers import LayerKind, Target
@@ -57,14 +58,12 @@ def _bias_rows(
 
 
 def _fuse_module(
-    module: torch.nn.Module,
-    contributions: Sequence[_Contribution],
-    saved: list[tuple[torch.Tensor, torch.Tensor]],
+    module: torch.nn.Module, contributions: Sequence[_Contribution], backups: BackupPool
 ) -> None:
     weight = module.weight
     assert isinstance(weight, torch.Tensor)
     device = weight.device
-    saved.append((weight, weight.detach().clone()))
+    backups.save(weight)
     total = torch.zeros(weight.shape, dtype=torch.float32, device=device)
     bias: torch.Tensor | None = getattr(module, "bias", None)
     bias_total = (
@@ -93,13 +92,15 @@ def _fuse_module(
     else:
         weight.add_(total.to(weight.dtype))
     if bias is not None and bias_total is not None and bias_total.any():
-        saved.append((bias, bias.detach().clone()))
+        backups.save(bias)
         bias.add_(bias_total.to(bias.dtype))
 
 
 @contextlib.contextmanager
 def fused(
-    mapper: KeyMapper, selection: Sequence[tuple[PreparedLoRA, LoRARequest]]
+    mapper: KeyMapper,
+    selection: Sequence[tuple[PreparedLoRA, LoRARequest]],
+    backups: BackupPool,
 ) -> Iterator[int]:
     """Fuse the weighted LoRAs; restore every touched tensor on exit, whatever happens inside.
     Yields the number of tensors changed."""
@@ -111,13 +112,10 @@ def fused(
                 if strength != 0:
                     key = (target.component, target.module)
                     per_module.setdefault(key, []).append((layer, target, strength))
-    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
         with torch.no_grad():
             for (component, module), contributions in per_module.items():
-                _fuse_module(mapper.module(Target(component, module)), contributions, saved)
-        yield len(saved)
+                _fuse_module(mapper.module(Target(component, module)), contributions, backups)
+        yield backups.saved
     finally:
-        with torch.no_grad():
-            for tensor, original in saved:
-                tensor.copy_(original)
+        backups.restore()
