@@ -4,8 +4,9 @@ Each touched weight is copied first (into reused host buffers: ``backups``); the
 differences of every LoRA on it are summed in float32 on the weight's device and added once,
 so the denoising loop runs at the base model's speed; afterwards the copies are put back
 with ``copy_``: the base weights are bit-identical after every generation
-(``fuse_lora``/``unfuse_lora`` are not: subtracting again leaves rounding errors). DoRA layers are not additive: they rescale the summed weight,
-one after the other, in the order the request lists them (as A1111 and ComfyUI apply them).
+(``fuse_lora``/``unfuse_lora`` are not: subtracting again leaves rounding errors). DoRA
+layers are not additive: they rescale the summed weight, one after the other, in the order
+the request lists them (as A1111 and ComfyUI apply them).
 
 Runs with the pipeline lock held.
 """
