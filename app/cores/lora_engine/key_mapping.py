@@ -25,7 +25,14 @@ from typing import Any
 import torch
 
 from app.cores.lora_engine.layers import Target
-from app.cores.lora_engine.original_names import OriginalName, flux_name, sd3_name, sgm_name
+from app.cores.lora_engine.original_names import (
+    OriginalName,
+    SgmLayout,
+    flux_name,
+    sd3_name,
+    sgm_layout,
+    sgm_name,
+)
 
 __all__ = ["COMPONENTS", "KeyMapper", "component_label"]
 
@@ -107,6 +114,10 @@ class KeyMapper:
     def _indexes(self) -> dict[str, _Component]:
         return {name: _index(name, module) for name, module in self._components.items()}
 
+    @cached_property
+    def _sgm_layout(self) -> SgmLayout:
+        return sgm_layout(self._components["unet"])
+
     @property
     def denoiser(self) -> str:
         return "unet" if "unet" in self._components else "transformer"
@@ -140,7 +151,7 @@ class KeyMapper:
         if found is not None:
             return [Target(component, found)]
         if component == "unet":
-            sgm = sgm_name(rest, self._components["unet"])
+            sgm = sgm_name(rest, self._sgm_layout)
             found = index.underscored.get(sgm) if sgm is not None else None
             return [Target(component, found)] if found is not None else None
         original = self._original(rest) if component == "transformer" else None

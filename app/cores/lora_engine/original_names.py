@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["OriginalName", "flux_name", "sd3_name", "sgm_name"]
+__all__ = ["OriginalName", "SgmLayout", "flux_name", "sd3_name", "sgm_layout", "sgm_name"]
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,10 @@ _SGM_IO = re.compile(r"^(input_blocks|output_blocks)_(\d+)_(\d+)(?:_(.+))?$")
 _SGM_MIDDLE = re.compile(r"^middle_block_(\d+)(?:_(.+))?$")
 
 
-def _sgm_layout(unet: Any) -> dict[tuple[str, int, int], tuple[str, str]]:
+SgmLayout = dict[tuple[str, int, int], tuple[str, str]]
+
+
+def sgm_layout(unet: Any) -> SgmLayout:
     """(SGM block list, index, position) -> (diffusers module prefix, module kind) for the
     loaded UNet: SGM lists each down block's layers (resnet[, attention]) then its
     downsampler as separate entries, each up block's ``layers + 1`` layers with the
@@ -208,7 +211,7 @@ def _sgm_layout(unet: Any) -> dict[tuple[str, int, int], tuple[str, str]]:
     return layout
 
 
-def sgm_name(name: str, unet: Any) -> str | None:
+def sgm_name(name: str, layout: SgmLayout) -> str | None:
     """An SGM UNet module name (underscored) as the loaded diffusers UNet's module name, also
     underscored (attention blocks' inner names are diffusers' own and stay as the file has
     them)."""
@@ -222,7 +225,7 @@ def sgm_name(name: str, unet: Any) -> str | None:
         blocks, index, position, rest = "middle_block", middle[1], "0", middle[2]
     else:
         return None
-    found = _sgm_layout(unet).get((blocks, int(index), int(position)))
+    found = layout.get((blocks, int(index), int(position)))
     if found is None:
         return None
     prefix, kind = found
