@@ -9,34 +9,34 @@ each format's own formula, from the tensors *as stored* (after rounding to the f
 fused layers are split by rows as the model has them. Which modules each trainer adapts and
 what it calls them: ``tests.factories.trainer_names`` (with its sources).
 
-==================== ==========================================================================
-``kohya``             sd-scripts LoRA: ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``
-                      (0-d, the file's dtype); ``alpha / rank`` scales ``up @ down``. SD 1.x/2.x
-                      and SDXL with ``block_dims`` / ``block_alphas``: rank and alpha differ
-                      between U-Net blocks. fp16 (SD3, FLUX: bf16, T5 trained too).
-``kohya-locon``       as ``kohya`` with ``conv_dim``: 3x3 convs too (``down`` is ``(r, in, 3, 3)``).
-``lycoris-locon``     LyCORIS LoCon with Tucker: 3x3 convs get ``.lora_mid.weight`` ``(r, r, 3, 3)``
-                      between 1x1 ``down`` and ``up`` (``lycoris/modules/locon.py``).
-``lycoris-loha``      ``(w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank``; 3x3 convs with Tucker cores
-                      ``hada_t1``/``hada_t2`` (``lycoris/modules/loha.py``).
-``lycoris-lokr``      ``kron(lokr_w1, w2) * scale`` with ``w2`` full (``lokr_w2``, scale 1 whatever
-                      ``alpha`` says), ``lokr_w2_a @ lokr_w2_b`` or Tucker ``lokr_t2`` (scale
-                      ``alpha / rank``, rank = rows of ``lokr_w2_b``); factors as LyCORIS
-                      ``factorization`` and full-matrix rule choose (``lycoris/modules/lokr.py``).
-``lycoris-full``      the difference itself: ``.diff`` and, with a bias, ``.diff_b``; no alpha.
-``lycoris-dora``      LoCon with ``dora_wd``: ``.dora_scale`` ``(out, 1)`` / ``(out, 1, 1, 1)``, the
-                      norm per output row (LyCORIS since 2024-12, ``wd_on_output=True``).
+====================== =========================================================================
+``kohya``              sd-scripts LoRA: ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``
+                       (0-d, the file's dtype); ``alpha / rank`` scales ``up @ down``. SD 1.x/2.x
+                       and SDXL with ``block_dims`` / ``block_alphas``: rank and alpha differ
+                       between U-Net blocks. fp16 (SD3, FLUX: bf16, T5 trained too).
+``kohya-locon``        as ``kohya`` with ``conv_dim``: 3x3 convs too (``down`` ``(r, in, 3, 3)``).
+``lycoris-locon``      LyCORIS LoCon, Tucker: 3x3 convs get ``.lora_mid.weight`` ``(r, r, 3, 3)``
+                       between 1x1 ``down`` and ``up`` (``lycoris/modules/locon.py``).
+``lycoris-loha``       ``(w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank``; 3x3 convs with Tucker cores
+                       ``hada_t1``/``hada_t2`` (``lycoris/modules/loha.py``).
+``lycoris-lokr``       ``kron(lokr_w1, w2) * scale`` with ``w2`` full (``lokr_w2``, scale 1 whatever
+                       ``alpha`` says), ``lokr_w2_a @ lokr_w2_b`` or Tucker ``lokr_t2`` (scale
+                       ``alpha / rank``, rank = rows of ``lokr_w2_b``); factors as LyCORIS
+                       ``factorization`` and full-matrix rule choose (``lycoris/modules/lokr.py``).
+``lycoris-full``       the difference itself: ``.diff`` and, with a bias, ``.diff_b``; no alpha.
+``lycoris-dora``       LoCon, ``dora_wd``: ``.dora_scale`` ``(out, 1)`` / ``(out, 1, 1, 1)``, the
+                       norm per output row (LyCORIS since 2024-12, ``wd_on_output=True``).
 ``lycoris-dora-input`` as ``lycoris-dora``, ``dora_scale`` ``(1, in)`` / ``(1, in, 1, 1)``: the
-                      norm per input column (LyCORIS before 2024-12; ``wd_on_output=False``).
-``lycoris-norm``      LoCon with ``train_norm``: norm layers get ``.w_norm`` / ``.b_norm``, added.
-``peft``              diffusers/PEFT: ``<component>.<module>.lora_A.weight`` / ``.lora_B.weight``;
-                      alpha other than the rank only in ``lora_adapter_metadata`` (diffusers'
-                      ``_save_lora_weights``). fp32 (diffusers' scripts); FLUX fp16 (ai-toolkit).
-``peft-dora``         as ``peft`` with ``.lora_magnitude_vector`` ``(out,)`` / ``(1, out, 1, 1)``.
-``bfl``               FLUX only: ``diffusion_model.<BFL module>.lora_A.weight`` / ``.lora_B``, bf16.
-``xlabs``             FLUX only: x-flux's ``...processor.qkv_lora1.down.weight`` / ``.up.weight``,
-                      fp32 (``train_flux_lora_deepspeed.py`` saves the fp32 processors), no alpha.
-==================== ==========================================================================
+                       norm per input column (LyCORIS before 2024-12; ``wd_on_output=False``).
+``lycoris-norm``       LoCon with ``train_norm``: norm layers get ``.w_norm`` / ``.b_norm``, added.
+``peft``               diffusers/PEFT: ``<component>.<module>.lora_A.weight`` / ``.lora_B.weight``;
+                       alpha other than the rank only in ``lora_adapter_metadata`` (diffusers'
+                       ``_save_lora_weights``). fp32 (diffusers' scripts); FLUX fp16 (ai-toolkit).
+``peft-dora``          as ``peft`` with ``.lora_magnitude_vector`` ``(out,)`` / ``(1, out, 1, 1)``.
+``bfl``                FLUX: ``diffusion_model.<BFL module>.lora_A.weight`` / ``.lora_B``, bf16.
+``xlabs``              FLUX: x-flux's ``...processor.qkv_lora1.down.weight`` / ``.up.weight``,
+                       fp32 (``train_flux_lora_deepspeed.py`` saves the fp32 processors), no alpha.
+====================== =========================================================================
 
 DoRA is not additive: its :class:`ExpectedChange` carries the low-rank difference and the
 magnitude, and :meth:`ExpectedChange.new_weight` applies the format's rule. At weight 1 every
@@ -89,12 +89,16 @@ __all__ = [
 
 @dataclass(frozen=True)
 class DoRAExpectation:
+    """A DoRA layer's magnitude and how a weight other than 1 enters it."""
+
     magnitude: torch.Tensor
     """float32, as stored: ``(out, 1[, 1, 1])`` or ``(1, in[, 1, 1])``, PEFT ``(out,)`` or
     ``(1, out, 1, 1)``."""
     axis: int
     """0: one magnitude per output row; 1: one per input column."""
     rule: Literal["peft", "blend"]
+    """``peft``: ``m * (W + w d) / ||W + w d||`` (PEFT, diffusers); ``blend``: ``W + w (m (W + d)
+    / ||W + d|| - W)`` (A1111 and ComfyUI for a ``dora_scale`` layer)."""
 
     def new_weight(self, base: torch.Tensor, delta: torch.Tensor, weight: float) -> torch.Tensor:
         if self.rule == "peft":
@@ -180,66 +184,33 @@ def _make(
     dtype: torch.dtype,
     strength: float,
 ) -> _Made:
+    """The layer's tensors as the file stores them, and the difference they make by the
+    format's formula (from the stored values)."""
     rank, alpha = plan.dims(layer)
+    std = strength / math.sqrt(math.prod(layer.shape[1:]))
+    tucker = plan.tucker and layer.kernel not in ((), (1, 1))
     if layer.is_norm:  # LyCORIS NormModule: w_norm / b_norm, added as they are
-        roles = {"w_norm": _randn(generator, *layer.shape) * 0.2 * strength}
-        if layer.bias:
-            roles["b_norm"] = _randn(generator, *layer.shape) * 0.2 * strength
-        stored = {role: value.to(dtype) for role, value in roles.items()}
-        bias = stored["b_norm"].float() if layer.bias else None
-        return _Made(stored, stored["w_norm"].float(), bias)
-    out, fan_in = layer.shape[0], math.prod(layer.shape[1:])
-    std = strength / math.sqrt(fan_in)
-    kernel = layer.kernel
-    tucker = plan.tucker and kernel not in ((), (1, 1))
-    if plan.algorithm == "full":
-        roles = {"diff": _randn(generator, *layer.shape) * std}
-        if layer.bias:
-            roles["diff_b"] = _randn(generator, out) * std
-        stored = {role: value.to(dtype) for role, value in roles.items()}
-        bias = stored["diff_b"].float() if layer.bias else None
-        return _Made(stored, stored["diff"].float(), bias)
+        return _additive(generator, layer, ("w_norm", "b_norm"), 0.2 * strength, dtype)
+    if plan.algorithm == "full":  # LyCORIS full: diff / diff_b, added as they are
+        return _additive(generator, layer, ("diff", "diff_b"), std, dtype)
     if plan.algorithm == "lokr":
         return _lokr(generator, layer, rank, alpha, tucker, dtype, std)
-    scale = 1.0 if alpha is None else alpha / rank
-    up_std = strength / math.sqrt(rank) / scale  # the stored factors absorb the scale
+    scale = 1.0 if alpha is None else alpha / rank  # the stored factors absorb it
     if plan.algorithm == "loha":
-        if tucker:
-            inner = layer.shape[1]
-            roles = {
-                "hada_t1": _randn(generator, rank, rank, *kernel) / rank,
-                "hada_w1_a": _randn(generator, rank, out),
-                "hada_w1_b": _randn(generator, rank, inner),
-                "hada_t2": _randn(generator, rank, rank, *kernel) / rank,
-                "hada_w2_a": _randn(generator, rank, out) * std / scale,
-                "hada_w2_b": _randn(generator, rank, inner),
-            }
-        else:
-            roles = {
-                "hada_w1_a": _randn(generator, out, rank) / math.sqrt(rank),
-                "hada_w1_b": _randn(generator, rank, fan_in),
-                "hada_w2_a": _randn(generator, out, rank) * std / math.sqrt(rank) / scale,
-                "hada_w2_b": _randn(generator, rank, fan_in),
-            }
-        s = {role: value.to(dtype) for role, value in roles.items()}
-        f = {role: value.float() for role, value in s.items()}
-        if tucker:
-            product = _cores(f["hada_t1"], f["hada_w1_a"], f["hada_w1_b"]) * _cores(
-                f["hada_t2"], f["hada_w2_a"], f["hada_w2_b"]
-            )
-        else:
-            product = (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"])
-        return _Made(s, product.reshape(layer.shape) * scale, alpha=alpha)
+        return _loha(generator, layer, rank, alpha, tucker, dtype, std / scale)
+    out, inner, kernel = layer.shape[0], layer.shape[1], layer.kernel
     ones = (1,) * len(kernel)
-    if tucker:
+    # down and mid keep unit-variance outputs; up sizes the difference (and absorbs the scale)
+    if tucker:  # LoCon with a Tucker core: 1x1 down, kxk mid, 1x1 up
         roles = {
-            "lora_down.weight": _randn(generator, rank, layer.shape[1], *ones)
-            / math.sqrt(layer.shape[1]),
+            "lora_down.weight": _randn(generator, rank, inner, *ones) / math.sqrt(inner),
             "lora_mid.weight": _randn(generator, rank, rank, *kernel)
             / math.sqrt(rank * math.prod(kernel)),
         }
     else:
+        fan_in = math.prod(layer.shape[1:])
         roles = {"lora_down.weight": _randn(generator, rank, *layer.shape[1:]) / math.sqrt(fan_in)}
+    up_std = strength / math.sqrt(rank) / scale
     roles["lora_up.weight"] = _randn(generator, out, rank, *ones) * up_std
     s = {role: value.to(dtype) for role, value in roles.items()}
     up = s["lora_up.weight"].float().flatten(1)
@@ -249,6 +220,62 @@ def _make(
     else:
         delta = (up @ down).reshape(layer.shape)
     return _Made(s, delta * scale, alpha=alpha)
+
+
+def _additive(
+    generator: torch.Generator,
+    layer: NamedLayer,
+    roles: tuple[str, str],
+    std: float,
+    dtype: torch.dtype,
+) -> _Made:
+    """A weight difference (and bias difference, when the module has a bias) stored as is."""
+    weight = _randn(generator, *layer.shape).mul(std).to(dtype)
+    stored = {roles[0]: weight}
+    if layer.bias:
+        stored[roles[1]] = _randn(generator, layer.shape[0]).mul(std).to(dtype)
+    bias = stored[roles[1]].float() if layer.bias else None
+    return _Made(stored, weight.float(), bias)
+
+
+def _loha(
+    generator: torch.Generator,
+    layer: NamedLayer,
+    rank: int,
+    alpha: float | None,
+    tucker: bool,
+    dtype: torch.dtype,
+    std: float,
+) -> _Made:
+    """LyCORIS LoHa: ``(w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank``, rank = rows of ``w1_b``;
+    with Tucker cores each product is ``t x_0 a x_1 b`` (``a`` (r, out), ``b`` (r, in))."""
+    out, kernel = layer.shape[0], layer.kernel
+    if tucker:
+        roles = {
+            "hada_t1": _randn(generator, rank, rank, *kernel) / rank,
+            "hada_w1_a": _randn(generator, rank, out),
+            "hada_w1_b": _randn(generator, rank, layer.shape[1]),
+            "hada_t2": _randn(generator, rank, rank, *kernel) / rank,
+            "hada_w2_a": _randn(generator, rank, out) * std,
+            "hada_w2_b": _randn(generator, rank, layer.shape[1]),
+        }
+    else:
+        fan_in = math.prod(layer.shape[1:])
+        roles = {
+            "hada_w1_a": _randn(generator, out, rank) / math.sqrt(rank),
+            "hada_w1_b": _randn(generator, rank, fan_in),
+            "hada_w2_a": _randn(generator, out, rank) * std / math.sqrt(rank),
+            "hada_w2_b": _randn(generator, rank, fan_in),
+        }
+    s = {role: value.to(dtype) for role, value in roles.items()}
+    f = {role: value.float() for role, value in s.items()}
+    if tucker:
+        first = _cores(f["hada_t1"], f["hada_w1_a"], f["hada_w1_b"])
+        product = first * _cores(f["hada_t2"], f["hada_w2_a"], f["hada_w2_b"])
+    else:
+        product = (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"])
+    scale = 1.0 if alpha is None else alpha / rank
+    return _Made(s, product.reshape(layer.shape) * scale, alpha=alpha)
 
 
 def _lokr(
