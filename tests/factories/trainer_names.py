@@ -17,7 +17,7 @@ Sources (public code, read to learn; nothing is copied):
   layout (``library/sdxl_original_unet.py``; ``library/sdxl_model_util.py`` converts it to
   diffusers for the real SDXL): ``input_blocks.{i}.{j}``, ``middle_block.{i}``,
   ``output_blocks.{i}.{j}``; resnets ``in_layers.2`` / ``emb_layers.1`` / ``out_layers.3`` /
-  ``skip_connection``; downsamplers ``op``; upsamplers ``conv`` (:func:`sgm_name`).
+  ``skip_connection``; downsamplers ``op``; upsamplers ``conv`` (:func:`sgm_blocks`).
 * ``networks/lora_sd3.py`` with ``library/sd3_models.py``: SAI MMDiT names
   ``joint_blocks.{i}.{context_block,x_block}.{attn.qkv,attn.proj,mlp.fc1,mlp.fc2,
   adaLN_modulation.1}``; ``lora_te1_`` CLIP-L, ``lora_te2_`` CLIP-G, ``lora_te3_`` T5 (layers
@@ -306,8 +306,9 @@ def sgm_namer(config: Any) -> Callable[[str], str]:
 
 def kohya_block_index(name: str, *, sdxl: bool) -> int:
     """sd-scripts' block of a ``lora_unet_`` layer for ``block_dims`` (``networks/lora.py``,
-    ``get_block_index``): SD 1.x/2.x IN00-IN11 = 1-12 less one, MID = 12, OUT = 13-24; SDXL
-    ``input_blocks_N`` = 1 + N, ``middle_block_N`` = 10 + N, ``output_blocks_N`` = 13 + N."""
+    ``get_block_index``). SD 1.x/2.x: ``down_blocks_i`` 1 + 3i + j (resnet or attention j,
+    downsampler j = 2), ``mid_block`` 12, ``up_blocks_i`` 13 + 3i + j (upsampler j = 2); SDXL:
+    ``input_blocks_N`` 1 + N, ``middle_block_N`` 10 + N, ``output_blocks_N`` 13 + N."""
     rest = name.removeprefix("lora_unet_")
     if sdxl:
         match = re.match(r"(input_blocks|middle_block|output_blocks)_(\d+)_", rest)
