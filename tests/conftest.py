@@ -1,10 +1,13 @@
-"""Fixtures shared by the whole suite: the real embedded model, built once per test session."""
+"""Fixtures shared by the whole suite: the real embedded model (built once per test session),
+settings on a cache of the test's own, the app running on them (``app``, ``client``,
+``loaded_client``), the same app behind a real server (``server_url``), the events it emits,
+and the fake remote services."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -12,13 +15,21 @@ import torch
 from diffusers import StableDiffusionPipeline
 from fastapi import FastAPI
 
-from app.config import EMBEDDED_MODEL_ID, Settings
+from app.config import Settings
 from app.cores.model_manager.embedded_model import build_embedded_model
-from app.main import create_app
+from tests.api import load_model
 from tests.factories.family_models import Family, FamilyModelDir, write_family_model
 from tests.factories.hub_repos import write_sd15_repo, write_sdxl_repo
 from tests.fake_remote import FakeRemote, running_remote
-from tests.harness import SmallDisk, http_client, small_disk
+from tests.harness import (
+    Event,
+    SmallDisk,
+    live_server,
+    recorded_events,
+    running_app,
+    settings_with_embedded_model,
+    small_disk,
+)
 
 
 @pytest.fixture(scope="session")
@@ -61,9 +72,10 @@ def sdxl_repo_dir(
 
 
 @pytest.fixture
-def tiny_pipeline(embedded_model_dir: Path) -> StableDiffusionPipeline:
-    """A fresh StableDiffusionPipeline on the CPU, loaded from the embedded model folder."""
-    pipeline = StableDiffusionPipeline.from_pretrained(
+def tiny_pipeline(embedded_model_dir: Path) -> Any:
+    """A fresh StableDiffusionPipeline on the CPU, loaded from the embedded model folder
+    (typed ``Any``: diffusers leaves most of a pipeline's attributes unannotated)."""
+    pipeline: Any = StableDiffusionPipeline.from_pretrained(
         str(embedded_model_dir), torch_dtype=torch.float32, local_files_only=True
     )
     pipeline.set_progress_bar_config(disable=True)
@@ -73,32 +85,48 @@ def tiny_pipeline(embedded_model_dir: Path) -> StableDiffusionPipeline:
 @pytest.fixture
 def settings(tmp_path: Path, embedded_model_dir: Path) -> Settings:
     """Settings for one test: its own cache folder, with the embedded model pre-copied."""
-    cache = tmp_path / "cache"
-    shutil.copytree(embedded_model_dir, cache / "models" / "embedded--tiny-sd")
-    return Settings(cache_dir=cache)
+    return settings_with_embedded_model(tmp_path / "cache", embedded_model_dir)
 
 
 @pytest.fixture
-async def app(settings: Settings) -> AsyncIterator[FastAPI]:
+async def running(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """``running_app`` on the test's ``settings``: what ``app`` and ``client`` are."""
+    async with running_app(settings) as app_and_client:
+        yield app_and_client
+
+
+@pytest.fixture
+def app(running: tuple[FastAPI, httpx.AsyncClient]) -> FastAPI:
     """The real FastAPI app with its lifespan run: migrated SQLite file, model registered."""
-    application = create_app(settings)
-    async with application.router.lifespan_context(application):
-        yield application
+    return running[0]
 
 
 @pytest.fixture
-async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    """HTTP through the full ASGI stack (Socket.IO wrapper, middleware, routes)."""
-    async with http_client(app) as http:
-        yield http
+def client(running: tuple[FastAPI, httpx.AsyncClient]) -> httpx.AsyncClient:
+    """HTTP through the full ASGI stack (access guard, Socket.IO, middleware, routes)."""
+    return running[1]
 
 
 @pytest.fixture
 async def loaded_client(client: httpx.AsyncClient) -> httpx.AsyncClient:
     """A client whose backend has the embedded model loaded."""
-    response = await client.post("/models/load", json={"model_id": EMBEDDED_MODEL_ID})
-    assert response.status_code == 200, response.text
+    await load_model(client)
     return client
+
+
+@pytest.fixture
+def emitted(app: FastAPI) -> Iterator[list[Event]]:
+    """Every event the app emits from now to the end of the test, in order (no Socket.IO
+    client needed)."""
+    with recorded_events(app) as received:
+        yield received
+
+
+@pytest.fixture
+def server_url(settings: Settings) -> Iterator[str]:
+    """The app on the test's ``settings`` served by a real uvicorn on a loopback port."""
+    with live_server(settings) as url:
+        yield url
 
 
 @pytest.fixture
@@ -108,9 +136,7 @@ def small_disk_settings(
     """Settings whose whole cache folder (database included) lives on a 24 MiB file system
     the test can fill; the embedded model is pre-copied onto it."""
     with small_disk(tmp_path / "small", 24) as disk:
-        cache = disk.root / "cache"
-        shutil.copytree(embedded_model_dir, cache / "models" / "embedded--tiny-sd")
-        yield Settings(cache_dir=cache), disk
+        yield settings_with_embedded_model(disk.root / "cache", embedded_model_dir), disk
 
 
 @pytest.fixture

@@ -53,6 +53,9 @@ class Served:
     """Send ``data`` over and over: the body never ends (use with ``content_length=False``)."""
     hold: threading.Event | None = None
     """Answer only once this is set (the test decides when, however slow the machine)."""
+    hold_after: int | None = None
+    """With ``hold``: send this many bytes of a full answer at once, and only the rest once
+    ``hold`` is set (the transfer is then certainly under way, and not finished)."""
     disposition: str | None = None
     content_type: str = "application/octet-stream"
 
@@ -291,7 +294,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _file(self, served: Served, headers: Mapping[str, str] | None = None) -> None:
         head = self.command == "HEAD"
-        if not head and served.hold is not None and not self._released(served.hold):
+        hold = served.hold if not head else None
+        if hold is not None and served.hold_after is None and not self._released(hold):
             return
         data = served.data
         span = _range(self.headers.get("Range", ""), len(data)) if served.ranges else None
@@ -326,12 +330,19 @@ class _Handler(BaseHTTPRequestHandler):
             if not served.drop_always:
                 served.drop_after = None  # once
             body = body[:cut]
+        held_at = served.hold_after if hold is not None and start == 0 else None
+        sent = 0
         try:
             for chunk in _chunks(body, served):
+                if held_at is not None and sent >= held_at:
+                    if hold is None or not self._released(hold):
+                        break
+                    held_at = None
                 if self.server.remote.stopping.wait(served.delay):  # delay 0: no wait
                     break
                 self.wfile.write(chunk)
                 self.wfile.flush()
+                sent += len(chunk)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
             return
