@@ -13,23 +13,12 @@ import pytest
 from diffusers import StableDiffusionPipeline
 from fastapi import FastAPI
 
-from app.cores.model_manager.pipeline_manager import PipelineManager
+from app.config import Settings
 from app.features.generators import runner
-from tests.api import BASE_CONFIG, generate, image, pixels, upload_lora
-from tests.checksums import weights_checksum
+from tests.api import config_with, generate, image, pixels, upload_lora
+from tests.checksums import loaded_pipeline_state
 from tests.factories.lora_files import write_lora, write_wrong_shapes
 from tests.harness import paused_at
-
-
-def adapter_count(manager: PipelineManager) -> int:
-    modules = [*manager.pipeline.unet.modules(), *manager.pipeline.text_encoder.modules()]
-    return sum(1 for module in modules if hasattr(module, "lora_A"))
-
-
-async def pipeline_state(app: FastAPI) -> tuple[str, int]:
-    return await app.state.model_manager.run(
-        lambda m: (weights_checksum(m.pipeline), adapter_count(m))
-    )
 
 
 @pytest.fixture
@@ -75,11 +64,11 @@ async def test_one_two_and_five_loras_apply_and_leave_the_base_model_intact(
     app: FastAPI, loaded_client: httpx.AsyncClient, lora_ids: list[int], count: int
 ) -> None:
     base = await image(loaded_client)
-    before = await pipeline_state(app)
+    before = await loaded_pipeline_state(app)
     loras = [{"lora_id": lora_id, "weight": 0.7} for lora_id in lora_ids[:count]]
     with_loras = await image(loaded_client, loras)
     assert not np.array_equal(with_loras, base)
-    assert await pipeline_state(app) == before
+    assert await loaded_pipeline_state(app) == before
     assert before[1] == 0
     assert np.array_equal(await image(loaded_client), base)
 
@@ -115,8 +104,8 @@ async def test_loras_apply_to_the_hires_pass(
 ) -> None:
     hires = {"upscale_factor": 2, "upscaler": "Lanczos", "denoising_strength": 0.6, "steps": 4}
     lora = [{"lora_id": lora_ids[2], "weight": 1.0}]
-    plain = (await pixels(loaded_client, await generate(loaded_client, hires_fix=hires)))[0]
-    styled = (await pixels(loaded_client, await generate(loaded_client, lora, hires_fix=hires)))[0]
+    plain = await image(loaded_client, hires_fix=hires)
+    styled = await image(loaded_client, lora, hires_fix=hires)
     assert plain.shape == styled.shape == (128, 128, 3)
     assert not np.array_equal(plain, styled)
 
@@ -133,7 +122,7 @@ async def test_loras_apply_to_the_hires_pass(
 async def test_bad_lora_lists_are_refused_with_422(
     loaded_client: httpx.AsyncClient, loras: list[dict[str, Any]], problem: str
 ) -> None:
-    config = {**BASE_CONFIG, "loras": loras}
+    config = config_with(loras)
     for response in (
         await loaded_client.post("/histories", json=config),
         await loaded_client.post("/generators", json={"history_id": 1, "config": config}),
@@ -145,13 +134,13 @@ async def test_bad_lora_lists_are_refused_with_422(
 async def test_unknown_lora_is_refused_before_anything_is_loaded(
     app: FastAPI, loaded_client: httpx.AsyncClient, lora_ids: list[int]
 ) -> None:
-    before = await pipeline_state(app)
+    before = await loaded_pipeline_state(app)
     response = await generate(
         loaded_client, [{"lora_id": lora_ids[0], "weight": 1}, {"lora_id": 999, "weight": 1}]
     )
     assert response.status_code == 400
     assert response.json()["detail"] == "LoRA with id 999 not found"
-    assert await pipeline_state(app) == before
+    assert await loaded_pipeline_state(app) == before
 
 
 async def test_incompatible_lora_is_refused_and_nothing_is_left_in_the_pipeline(
@@ -164,7 +153,7 @@ async def test_incompatible_lora_is_refused_and_nothing_is_left_in_the_pipeline(
     wrong = await upload_lora(
         loaded_client, write_wrong_shapes(tmp_path / "sd15.safetensors", tiny_pipeline)
     )
-    before = await pipeline_state(app)
+    before = await loaded_pipeline_state(app)
     response = await generate(
         loaded_client, [{"lora_id": lora_ids[0], "weight": 1}, {"lora_id": wrong, "weight": 1}]
     )
@@ -172,7 +161,7 @@ async def test_incompatible_lora_is_refused_and_nothing_is_left_in_the_pipeline(
     detail = response.json()["detail"]
     assert "'sd15'" in detail
     assert "768" in detail
-    assert await pipeline_state(app) == before
+    assert await loaded_pipeline_state(app) == before
 
 
 async def test_a_failure_in_the_middle_unloads_every_adapter(
@@ -182,10 +171,10 @@ async def test_a_failure_in_the_middle_unloads_every_adapter(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     base = await image(loaded_client)
-    before = await pipeline_state(app)
+    before = await loaded_pipeline_state(app)
     calls = 0
 
-    def crash_on_second_step(latents: Any) -> list[str]:
+    def crash_on_second_step(latents: Any, *_preview: Any) -> list[str]:
         # Fault injection: a crash in the middle of denoising, with 3 adapters active.
         # Nothing real fails at that point on a CPU, so a step callback raises instead.
         nonlocal calls
@@ -202,7 +191,7 @@ async def test_a_failure_in_the_middle_unloads_every_adapter(
     assert "simulated failure" in response.json()["detail"]
     assert calls == 2
     monkeypatch.undo()
-    assert await pipeline_state(app) == before
+    assert await loaded_pipeline_state(app) == before
     assert np.array_equal(await image(loaded_client), base)
 
 
@@ -223,7 +212,7 @@ async def test_concurrent_requests_get_exactly_their_own_loras(
 
 
 async def test_deleting_a_lora_during_its_generation_breaks_nothing(
-    app: FastAPI, loaded_client: httpx.AsyncClient, lora_ids: list[int], settings: Any
+    app: FastAPI, loaded_client: httpx.AsyncClient, lora_ids: list[int], settings: Settings
 ) -> None:
     lora_id = lora_ids[0]
     stored = Path((await loaded_client.get(f"/loras/{lora_id}")).json()["file_path"])
@@ -242,13 +231,13 @@ async def test_deleting_a_lora_during_its_generation_breaks_nothing(
     assert (await loaded_client.get(f"/loras/{lora_id}")).status_code == 404
     leftovers = [p.name for p in settings.loras_dir.iterdir() if p.name.startswith(".")]
     assert leftovers == []
-    assert (await pipeline_state(app))[1] == 0
+    assert (await loaded_pipeline_state(app))[1] == 0
 
 
 async def test_a_cancelled_generation_still_restores_the_base_model(
-    app: FastAPI, loaded_client: httpx.AsyncClient, lora_ids: list[int], settings: Any
+    app: FastAPI, loaded_client: httpx.AsyncClient, lora_ids: list[int], settings: Settings
 ) -> None:
-    before = await pipeline_state(app)
+    before = await loaded_pipeline_state(app)
     async with paused_at(app, "image_generation_step_end") as paused:
         generation = asyncio.create_task(
             generate(
@@ -263,7 +252,7 @@ async def test_a_cancelled_generation_still_restores_the_base_model(
         with pytest.raises(asyncio.CancelledError):
             await generation
     # pipeline_state waits for the lock: the worker finished and cleaned up first.
-    assert await pipeline_state(app) == before
+    assert await loaded_pipeline_state(app) == before
     assert [p.name for p in settings.loras_dir.iterdir() if p.name.startswith(".")] == []
     assert list(settings.generated_images_dir.iterdir()) == []
 

@@ -1,4 +1,5 @@
-"""Helpers for the LoRA endpoint tests: a running app, uploads, refusals, stored files."""
+"""Helpers for the LoRA tests: what ``<cache>/loras`` holds, refused uploads, files as the
+user keeps them, and the app's warnings (the HTTP helpers are in ``tests.api``)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from fastapi import FastAPI
 
 from app.config import Settings
+from tests.api import list_loras, upload
 
 UserFiles = Callable[..., Path]
 
@@ -22,22 +25,21 @@ def stored_entries(settings: Settings) -> set[str]:
     return {entry.name for entry in folder.iterdir()} if folder.is_dir() else set()
 
 
-async def list_loras(client: httpx.AsyncClient) -> list[dict[str, Any]]:
-    response = await client.get("/loras")
-    assert response.status_code == 200, response.text
-    loras: list[dict[str, Any]] = response.json()["loras"]
-    return loras
+@contextmanager
+def stored_entries_at(app: FastAPI, settings: Settings, event: str) -> Iterator[list[set[str]]]:
+    """What ``<cache>/loras`` holds at each emit of ``event`` inside the block: taken in the
+    emitting thread, before any client can hear of the event."""
+    seen: list[set[str]] = []
 
+    def look(name: str, _payload: dict[str, Any]) -> None:
+        if name == event:
+            seen.append(stored_entries(settings))
 
-async def upload(client: httpx.AsyncClient, path: Path | str) -> httpx.Response:
-    return await client.post("/loras/upload", json={"file_path": str(path)})
-
-
-async def upload_ok(client: httpx.AsyncClient, path: Path) -> dict[str, Any]:
-    response = await upload(client, path)
-    assert response.status_code == 201, response.text
-    info: dict[str, Any] = response.json()
-    return info
+    remove = app.state.events.add_listener(look)
+    try:
+        yield seen
+    finally:
+        remove()
 
 
 async def assert_refused(
@@ -64,6 +66,12 @@ async def assert_refused(
     assert not any(name.startswith(".tmp-") for name in stored_entries(settings))
     assert await list_loras(client) == loras_before
     return detail
+
+
+async def assert_nothing_kept(client: httpx.AsyncClient, settings: Settings) -> None:
+    """No file in ``<cache>/loras`` (temporary ones included), no LoRA listed."""
+    assert stored_entries(settings) == set()
+    assert await list_loras(client) == []
 
 
 def snapshot(path: Path) -> tuple[bytes, int, int]:

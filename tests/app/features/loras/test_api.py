@@ -11,21 +11,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fastapi import FastAPI
-from sqlalchemy import text
 
 from app.config import Settings
+from tests.api import list_loras, upload, upload_ok
 from tests.app.features.loras.helpers import (
     UserFiles,
     assert_refused,
-    list_loras,
     sha256_of,
     snapshot,
     stored_entries,
-    upload,
-    upload_ok,
 )
-from tests.harness import running_app, wait_until
+from tests.harness import WAIT_TIMEOUT, database_file, running_app, sqlite_refuses, wait_until
 
 # ---------------------------------------------------------------------------------------------
 # Accepted uploads
@@ -200,47 +196,23 @@ async def test_unknown_id(client: httpx.AsyncClient) -> None:
 # Failures and races
 
 
-async def _refuse_lora_inserts(app: FastAPI) -> None:
-    """A real database fault: a trigger that aborts every INSERT into ``loras``."""
-    async with app.state.session_factory() as session:
-        await session.execute(
-            text(
-                "CREATE TRIGGER refuse_loras BEFORE INSERT ON loras "
-                "BEGIN SELECT RAISE(ABORT, 'boom'); END"
-            )
-        )
-        await session.commit()
-
-
 async def test_row_that_cannot_be_written_leaves_no_file(
     settings: Settings, user_files: UserFiles
 ) -> None:
     path = user_files("kohya_unet", "style.safetensors")
-    async with running_app(settings, raise_app_exceptions=False) as (app, client):
-        await _refuse_lora_inserts(app)
+    async with running_app(settings, raise_app_exceptions=False) as (_, client):
+        lift = sqlite_refuses(settings, "INSERT", "loras")
 
         response = await upload(client, path)
 
         assert response.status_code == 500, response.text
+        assert response.json() == {"detail": "Internal server error"}
         assert stored_entries(settings) == set()
         assert await list_loras(client) == []
 
-        async with app.state.session_factory() as session:
-            await session.execute(text("DROP TRIGGER refuse_loras"))
-            await session.commit()
+        lift()
         info = await upload_ok(client, path)  # nothing stale blocks a retry
         assert stored_entries(settings) == {Path(info["file_path"]).name}
-
-
-async def test_unexpected_error_answers_json_detail(
-    settings: Settings, user_files: UserFiles
-) -> None:
-    path = user_files("kohya_unet", "style.safetensors")
-    async with running_app(settings, raise_app_exceptions=False) as (app, client):
-        await _refuse_lora_inserts(app)
-        response = await upload(client, path)
-    assert response.status_code == 500
-    assert response.json() == {"detail": "Internal server error"}
 
 
 @asynccontextmanager
@@ -251,8 +223,7 @@ async def lined_up_uploads(
     lock, so that every upload passes its duplicate check and places its file before any of
     them can write its row; the lock is released on leaving the block, then each request
     commits or fails. The yielded tasks are done after the block."""
-    database = settings.resolved_database_url.removeprefix("sqlite+aiosqlite:///")
-    blocker = sqlite3.connect(database, isolation_level=None)
+    blocker = sqlite3.connect(database_file(settings), isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     tasks = [asyncio.ensure_future(upload(client, path)) for path in paths]
     try:
@@ -267,7 +238,7 @@ async def lined_up_uploads(
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), WAIT_TIMEOUT)
 
 
 async def test_concurrent_uploads_of_the_same_content(

@@ -6,7 +6,6 @@ refusal of the variants no supported path applies, at upload."""
 from __future__ import annotations
 
 import hashlib
-import io
 from pathlib import Path
 from typing import Any
 
@@ -15,54 +14,19 @@ import numpy as np
 import pytest
 import torch
 from fastapi import FastAPI
-from PIL import Image
 from safetensors.torch import save_file
 
-from app.config import EMBEDDED_MODEL_ID, Settings
+from app.config import Settings
 from app.cores.model_manager.model_family import ModelFamily
-from tests.checksums import weights_checksum
+from tests.api import generate, image, list_loras, load_model, upload, upload_ok
+from tests.checksums import loaded_pipeline_state
 from tests.factories.family_loras import write_family_lora
 from tests.factories.lora_files import write_lora, write_wrong_shapes
 
-CONFIG: dict[str, Any] = {
-    "prompt": "a lighthouse",
-    "negative_prompt": "",
-    "width": 64,
-    "height": 64,
-    "steps": 3,
-    "seed": 21,
-    "sampler": "EULER",
-}
 
-
-async def upload(client: httpx.AsyncClient, path: Path) -> dict[str, Any]:
-    response = await client.post("/loras/upload", json={"file_path": str(path)})
-    assert response.status_code == 201, response.text
-    info: dict[str, Any] = response.json()
-    return info
-
-
-async def generate(client: httpx.AsyncClient, loras: list[dict[str, Any]]) -> httpx.Response:
-    config = {**CONFIG, "loras": loras}
-    history = await client.post("/histories", json=config)
-    assert history.status_code == 200, history.text
-    return await client.post("/generators", json={"history_id": history.json(), "config": config})
-
-
-async def first_image(client: httpx.AsyncClient, response: httpx.Response) -> np.ndarray:
-    assert response.status_code == 200, response.text
-    png = await client.get(f"/{response.json()['items'][0]['path']}")
-    return np.asarray(Image.open(io.BytesIO(png.content)).convert("RGB"))
-
-
-async def checksum(app: FastAPI) -> str:
-    return str(await app.state.model_manager.run(lambda loaded: weights_checksum(loaded.pipeline)))
-
-
-async def listed(client: httpx.AsyncClient, query: str = "") -> dict[str, dict[str, Any]]:
-    response = await client.get(f"/loras{query}")
-    assert response.status_code == 200, response.text
-    return {lora["name"]: lora for lora in response.json()["loras"]}
+async def listed(client: httpx.AsyncClient, **params: str) -> dict[str, dict[str, Any]]:
+    """``GET /loras`` by LoRA name."""
+    return {lora["name"]: lora for lora in await list_loras(client, **params)}
 
 
 @pytest.fixture
@@ -83,7 +47,7 @@ async def test_base_model_and_compatibility_follow_the_loaded_model(
     app: FastAPI, client: httpx.AsyncClient, family_files: dict[str, Path]
 ) -> None:
     for path in family_files.values():
-        await upload(client, path)
+        await upload_ok(client, path)
 
     before = await listed(client)
     for name, info in before.items():
@@ -94,11 +58,10 @@ async def test_base_model_and_compatibility_follow_the_loaded_model(
     assert before["flux_kohya"]["components"] == ["transformer", "text_encoder"]
     assert before["sd3_peft"]["components"] == ["transformer"]
     # Nothing is known to be incompatible while no model is loaded.
-    assert (await listed(client, "?compatible_with_loaded=true")).keys() == before.keys()
-    assert await listed(client, "?compatible_with_loaded=false") == {}
+    assert (await listed(client, compatible_with_loaded="true")).keys() == before.keys()
+    assert await listed(client, compatible_with_loaded="false") == {}
 
-    response = await client.post("/models/load", json={"model_id": EMBEDDED_MODEL_ID})
-    assert response.status_code == 200, response.text
+    await load_model(client)
     assert app.state.model_manager.loaded_family is ModelFamily.TINY
 
     after = await listed(client)
@@ -106,8 +69,8 @@ async def test_base_model_and_compatibility_follow_the_loaded_model(
     assert after["odd"]["compatible"] is None
     others = {name for name in after if name not in ("tiny", "odd")}
     assert all(after[name]["compatible"] is False for name in others)
-    assert (await listed(client, "?compatible_with_loaded=true")).keys() == {"tiny", "odd"}
-    assert (await listed(client, "?compatible_with_loaded=false")).keys() == others
+    assert (await listed(client, compatible_with_loaded="true")).keys() == {"tiny", "odd"}
+    assert (await listed(client, compatible_with_loaded="false")).keys() == others
     lora_id = after["sdxl_kohya"]["id"]
     assert (await client.get(f"/loras/{lora_id}")).json()["compatible"] is False
 
@@ -120,10 +83,10 @@ async def test_another_familys_lora_is_refused_before_the_pipeline_is_touched(
     loaded_client: httpx.AsyncClient,
     family_files: dict[str, Path],
 ) -> None:
-    good = await upload(loaded_client, family_files["tiny"])
-    sdxl = await upload(loaded_client, family_files["sdxl_kohya"])
-    flux = await upload(loaded_client, family_files["flux_peft"])
-    before = await checksum(app)
+    good = await upload_ok(loaded_client, family_files["tiny"])
+    sdxl = await upload_ok(loaded_client, family_files["sdxl_kohya"])
+    flux = await upload_ok(loaded_client, family_files["flux_peft"])
+    before = await loaded_pipeline_state(app)
 
     for foreign in (sdxl, flux):
         # Emptied on disk: reading it for a size check would fail with another message.
@@ -136,13 +99,13 @@ async def test_another_familys_lora_is_refused_before_the_pipeline_is_touched(
             f"LoRA '{other['name']}' was made for {family}; "
             "the loaded model is the tiny embedded test model."
         )
-    assert await checksum(app) == before
+    assert await loaded_pipeline_state(app) == before
 
 
 async def test_a_lora_of_unknown_family_is_still_size_checked(
     loaded_client: httpx.AsyncClient, family_files: dict[str, Path]
 ) -> None:
-    odd = await upload(loaded_client, family_files["odd"])
+    odd = await upload_ok(loaded_client, family_files["odd"])
     assert (odd["base_model"], odd["compatible"]) == ("unknown", None)
     response = await generate(loaded_client, [{"lora_id": odd["id"], "weight": 1}])
     assert response.status_code == 400
@@ -154,8 +117,7 @@ async def test_model_family_and_hash_are_known_once_loaded(
 ) -> None:
     manager = app.state.model_manager
     assert (manager.loaded_family, manager.loaded_model_hash) == (None, None)
-    response = await client.post("/models/load", json={"model_id": EMBEDDED_MODEL_ID})
-    assert response.status_code == 200, response.text
+    await load_model(client)
     unet = settings.cache_dir / "models" / "embedded--tiny-sd" / "unet"
     weights = (unet / "diffusion_pytorch_model.safetensors").read_bytes()
     assert manager.loaded_model_hash == hashlib.sha256(weights).hexdigest()[:10]
@@ -186,15 +148,14 @@ WORKING_FORMATS: dict[str, dict[str, Any]] = {
 async def test_every_format_the_tiny_model_can_run_uploads_and_generates(
     loaded_client: httpx.AsyncClient, tiny_pipeline: Any, user_dir: Path
 ) -> None:
-    base = await first_image(loaded_client, await generate(loaded_client, []))
+    base = await image(loaded_client)
     for seed, (name, options) in enumerate(WORKING_FORMATS.items(), start=10):
         path = write_lora(user_dir / f"{name}.safetensors", tiny_pipeline, seed=seed, **options)
-        info = await upload(loaded_client, path)
+        info = await upload_ok(loaded_client, path)
         assert info["base_model"] == "tiny", name
         assert info["compatible"] is True, name
-        response = await generate(loaded_client, [{"lora_id": info["id"], "weight": 1.0}])
-        image = await first_image(loaded_client, response)
-        assert not np.array_equal(image, base), f"{name} changed nothing"
+        styled = await image(loaded_client, [{"lora_id": info["id"], "weight": 1.0}])
+        assert not np.array_equal(styled, base), f"{name} changed nothing"
 
 
 _Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
@@ -250,7 +211,7 @@ LYCORIS: dict[str, tuple[dict[str, tuple[int, ...]], str]] = {
 async def test_lycoris_variants_upload_and_change_the_image(
     loaded_client: httpx.AsyncClient, user_dir: Path
 ) -> None:
-    base = await first_image(loaded_client, await generate(loaded_client, []))
+    base = await image(loaded_client)
     generator = torch.Generator().manual_seed(5)
     for name, (shapes, network_type) in LYCORIS.items():
         tensors = {key: torch.randn(shape, generator=generator) for key, shape in shapes.items()}
@@ -258,12 +219,11 @@ async def test_lycoris_variants_upload_and_change_the_image(
             tensors[f"{_Q}.dora_scale"] = tensors[f"{_Q}.dora_scale"].abs() + 1.0
         path = user_dir / f"{name}.safetensors"
         save_file(tensors, str(path))
-        info = await upload(loaded_client, path)
+        info = await upload_ok(loaded_client, path)
         assert info["network_type"] == network_type, name
         assert info["compatible"] is True, name
-        response = await generate(loaded_client, [{"lora_id": info["id"], "weight": 1.0}])
-        image = await first_image(loaded_client, response)
-        assert not np.array_equal(image, base), f"{name} changed nothing"
+        styled = await image(loaded_client, [{"lora_id": info["id"], "weight": 1.0}])
+        assert not np.array_equal(styled, base), f"{name} changed nothing"
 
 
 _PEFT_Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -281,9 +241,9 @@ async def test_variants_that_cannot_run_are_refused_at_upload_by_name(
     for name, (shapes, variant) in UNSUPPORTED.items():
         path = user_dir / f"{name}.safetensors"
         save_file({key: torch.zeros(shape) for key, shape in shapes.items()}, str(path))
-        response = await client.post("/loras/upload", json={"file_path": str(path)})
+        response = await upload(client, path)
         assert response.status_code == 400, (name, response.text)
         detail = response.json()["detail"]
         assert variant in detail, (name, detail)
         assert "not supported" in detail, (name, detail)
-    assert (await client.get("/loras")).json()["loras"] == []
+    assert await list_loras(client) == []

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,10 @@ from app.features.loras.metadata import (
     trigger_words,
 )
 from app.features.loras.safetensors_file import read_header
+from tests.api import generate, list_loras, upload, upload_ok
+from tests.checksums import payload_sha256
 from tests.factories.lora_files import write_lora, write_raw_header
-from tests.harness import running_app
+from tests.harness import database_file, running_app
 
 TAG_FREQUENCY = json.dumps(
     {
@@ -39,21 +40,10 @@ TAG_FREQUENCY = json.dumps(
 )
 
 
-def payload_sha256(path: Path) -> str:
-    data = path.read_bytes()
-    return hashlib.sha256(data[8 + struct.unpack("<Q", data[:8])[0] :]).hexdigest()
-
-
-async def upload(client: httpx.AsyncClient, path: Path) -> httpx.Response:
-    return await client.post("/loras/upload", json={"file_path": str(path)})
-
-
-async def upload_ok(client: httpx.AsyncClient, path: Path) -> dict[str, Any]:
-    response = await upload(client, path)
-    assert response.status_code == 201, response.text
-    info: dict[str, Any] = response.json()
-    listed = (await client.get("/loras")).json()["loras"]
-    assert info in listed
+async def upload_listed(client: httpx.AsyncClient, path: Path) -> dict[str, Any]:
+    """Upload ``path``; its description, the same in the list and by id."""
+    info = await upload_ok(client, path)
+    assert info in await list_loras(client)
     assert (await client.get(f"/loras/{info['id']}")).json() == info
     return info
 
@@ -86,7 +76,7 @@ async def test_a_described_kohya_lora(
             "ss_base_model_version": "sd_v1",
         },
     )
-    info = await upload_ok(client, path)
+    info = await upload_listed(client, path)
 
     assert info["format"] == "kohya"
     assert info["components"] == ["unet", "text_encoder"]
@@ -121,7 +111,7 @@ async def test_trigger_words_from_tag_frequency_never_the_output_name(
         tiny_pipeline,
         metadata={"ss_tag_frequency": TAG_FREQUENCY, "ss_output_name": "my_output"},
     )
-    info = await upload_ok(client, path)
+    info = await upload_listed(client, path)
     # Summed over datasets, most frequent first, ties by name; blanks and non-counts dropped.
     assert info["trigger_words"] == ["zkz style", "1girl", "solo", "outdoors", "night"]
     assert info["title"] is None
@@ -147,7 +137,7 @@ async def test_format_network_type_and_alpha(
     expected: tuple[str, str, float | None],
 ) -> None:
     path = write_lora(user_dir / "x.safetensors", tiny_pipeline, **options)
-    info = await upload_ok(client, path)
+    info = await upload_listed(client, path)
     assert (info["format"], info["network_type"], info["alpha"]) == expected
     assert info["base_model"] == "tiny"
 
@@ -160,7 +150,7 @@ async def test_most_common_rank_and_the_largest(
     )
     high = write_lora(user_dir / "b.safetensors", tiny_pipeline, rank=8, targets=("to_out.0",))
     save_file(load_file(str(low)) | load_file(str(high)), str(user_dir / "mixed.safetensors"))
-    info = await upload_ok(client, user_dir / "mixed.safetensors")
+    info = await upload_listed(client, user_dir / "mixed.safetensors")
     assert (info["rank"], info["rank_max"]) == (4, 8)
 
 
@@ -169,8 +159,8 @@ async def test_metadata_edits_keep_the_tensor_hash(
 ) -> None:
     original = write_lora(user_dir / "v1.safetensors", tiny_pipeline, seed=7)
     edited = with_metadata(original, user_dir / "v1 renamed.safetensors", {"ssmd_keywords": "x"})
-    first = await upload_ok(client, original)
-    second = await upload_ok(client, edited)  # other bytes: not a duplicate
+    first = await upload_listed(client, original)
+    second = await upload_listed(client, edited)  # other bytes: not a duplicate
     assert first["sha256"] != second["sha256"]
     assert first["tensor_sha256"] == second["tensor_sha256"] == payload_sha256(original)
     assert first["autov3"] == second["autov3"]
@@ -197,7 +187,7 @@ async def test_hostile_metadata_never_breaks_upload_or_listing_and_the_lora_work
     loaded_client: httpx.AsyncClient, tiny_pipeline: Any, user_dir: Path
 ) -> None:
     path = write_lora(user_dir / "hostile.safetensors", tiny_pipeline, metadata=hostile_metadata())
-    info = await upload_ok(loaded_client, path)
+    info = await upload_listed(loaded_client, path)
 
     assert info["metadata_truncated"] is True
     size = sum(len(k.encode()) + len(v.encode()) for k, v in info["metadata"].items())
@@ -215,12 +205,7 @@ async def test_hostile_metadata_never_breaks_upload_or_listing_and_the_lora_work
     assert info["base_model"] == "tiny"
     assert info["compatible"] is True
 
-    config = {"prompt": "a cat", "width": 64, "height": 64, "steps": 2, "seed": 3}
-    config["loras"] = [{"lora_id": info["id"], "weight": 1.0}]
-    history = await loaded_client.post("/histories", json=config)
-    response = await loaded_client.post(
-        "/generators", json={"history_id": history.json(), "config": config}
-    )
+    response = await generate(loaded_client, [{"lora_id": info["id"], "weight": 1.0}])
     assert response.status_code == 200, response.text
 
 
@@ -258,9 +243,9 @@ async def test_old_rows_are_described_at_start(
 ) -> None:
     path = write_lora(user_dir / "old.safetensors", tiny_pipeline, metadata={"ssmd_author": "me"})
     async with running_app(settings) as (_, client):
-        described = await upload_ok(client, path)
-    database = settings.resolved_database_url.removeprefix("sqlite+aiosqlite:///")
-    with sqlite3.connect(database) as connection:  # as migration 0003 leaves an old row
+        described = await upload_listed(client, path)
+    # As migration 0003 leaves an old row:
+    with sqlite3.connect(database_file(settings)) as connection:
         connection.execute(
             "UPDATE loras SET format = NULL, base_model = NULL, trigger_words = NULL, "
             "author = NULL, raw_metadata = NULL, tensor_sha256 = NULL, rank = NULL"

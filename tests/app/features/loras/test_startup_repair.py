@@ -6,14 +6,9 @@ import os
 import shutil
 from pathlib import Path
 
-from app.config import EMBEDDED_MODEL_ID, Settings
-from tests.app.features.loras.helpers import (
-    UserFiles,
-    captured_warnings,
-    list_loras,
-    stored_entries,
-    upload_ok,
-)
+from app.config import Settings
+from tests.api import generate, list_loras, load_model, upload_ok
+from tests.app.features.loras.helpers import UserFiles, captured_warnings, stored_entries
 from tests.harness import running_app
 
 # ---------------------------------------------------------------------------------------------
@@ -50,21 +45,8 @@ async def test_startup_removes_leftovers_and_reports_missing_files(
             assert response.json() == {**lost, "file_missing": True}
 
             # Generating with it is refused with a reason, before the pipeline is touched.
-            response = await client.post("/models/load", json={"model_id": EMBEDDED_MODEL_ID})
-            assert response.status_code == 200, response.text
-            config = {
-                "prompt": "a cat",
-                "width": 64,
-                "height": 64,
-                "steps": 1,
-                "seed": 1,
-                "loras": [{"lora_id": lost["id"], "weight": 1}],
-            }
-            response = await client.post("/histories", json=config)
-            assert response.status_code == 200, response.text
-            response = await client.post(
-                "/generators", json={"history_id": response.json(), "config": config}
-            )
+            await load_model(client)
+            response = await generate(client, [{"lora_id": lost["id"], "weight": 1}])
             assert response.status_code == 400, response.text
             detail = response.json()["detail"]
             assert "missing" in detail

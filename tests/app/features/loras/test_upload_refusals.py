@@ -10,11 +10,8 @@ import httpx
 import pytest
 
 from app.config import MiB, Settings
-from tests.app.features.loras.helpers import (
-    UserFiles,
-    assert_refused,
-    upload_ok,
-)
+from tests.api import upload_ok
+from tests.app.features.loras.helpers import UserFiles, assert_refused
 from tests.factories import lora_files
 from tests.harness import SmallDisk, running_app
 
