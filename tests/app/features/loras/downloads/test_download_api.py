@@ -14,13 +14,8 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from app.config import Settings
-from tests.app.features.loras.downloads.conftest import (
-    download,
-    entries,
-    lora_rows,
-    start,
-    wait_for,
-)
+from tests.api import download_lora, list_loras, start_lora_download, wait_for_lora_download
+from tests.app.features.loras.helpers import stored_entries
 from tests.fake_remote import FakeRemote, running_remote
 
 HF_FILE = "detail tweaker.safetensors"
@@ -39,7 +34,7 @@ def _assert_stored(settings: Settings, lora: dict[str, Any], data: bytes) -> Non
     stored = Path(lora["file_path"])
     assert stored.parent == settings.loras_dir.resolve()
     assert stored.read_bytes() == data
-    assert entries(settings) == {stored.name}  # no temporary file left
+    assert stored_entries(settings) == {stored.name}  # no temporary file left
     assert lora["sha256"] == hashlib.sha256(data).hexdigest()
     assert lora["file_size"] == len(data)
 
@@ -62,11 +57,11 @@ async def test_hugging_face_file(
         "resolve-url": {"url": resolve_url},
     }[spelling]
 
-    started = await start(client, body)
+    started = await start_lora_download(client, body)
     assert started["state"] in {"queued", "downloading", "validating"}
     assert (started["source"], started["file_name"]) == ("huggingface", HF_FILE)
     assert started["url"] == resolve_url
-    done = await wait_for(client, started["id"])
+    done = await wait_for_lora_download(client, started["id"])
 
     assert done["state"] == "completed", done
     assert done["bytes_done"] == done["bytes_total"] == len(data)
@@ -74,7 +69,7 @@ async def test_hugging_face_file(
     lora = done["lora"]
     assert lora["name"] == "detail tweaker"
     _assert_stored(settings, lora, data)
-    assert await lora_rows(client) == [lora]
+    assert await list_loras(client) == [lora]
     assert [r.path.split("/")[1] for r in remote.requests] == ["hf", "cdn"]  # followed the 302
     assert await _source_columns(app, lora["id"]) == (resolve_url, None, None)
     listed = (await client.get("/loras/downloads")).json()["downloads"]
@@ -92,7 +87,7 @@ async def test_token_goes_to_the_service_only(
             "huggingface": {"repo_id": "someone/gated", "filename": "a.safetensors"},
             "token": "hf_ok",
         }
-        done = await download(client, body)
+        done = await download_lora(client, body)
         assert done["state"] == "completed", done
         assert "hf_ok" not in str(done)
         [asked] = remote.requests
@@ -113,9 +108,11 @@ async def test_civitai_version_keeps_its_data_and_trained_words(
         4321, data, model_id=77, file_name="boat style.safetensors", token="sekret-123"
     )
 
-    started = await start(client, {"civitai": {"model_version_id": 4321}, "token": "sekret-123"})
+    started = await start_lora_download(
+        client, {"civitai": {"model_version_id": 4321}, "token": "sekret-123"}
+    )
     assert (started["source"], started["file_name"]) == ("civitai", "boat style.safetensors")
-    done = await wait_for(client, started["id"])
+    done = await wait_for_lora_download(client, started["id"])
 
     assert done["state"] == "completed", done
     lora = done["lora"]
@@ -158,7 +155,7 @@ async def test_civitai_urls_are_routed(
         "download-url": remote.url("/civitai/api/download/models/11"),
     }[page]
 
-    done = await download(client, {"url": url})
+    done = await download_lora(client, {"url": url})
 
     assert done["state"] == "completed", done
     assert done["source"] == "civitai"
@@ -174,7 +171,7 @@ async def test_plain_url_takes_the_name_the_server_gives(
         lora_bytes["legacy_unet"],
         disposition="attachment; filename*=UTF-8''Cool%20Style.safetensors",
     )
-    done = await download(client, {"url": f"{url}?id=3"})
+    done = await download_lora(client, {"url": f"{url}?id=3"})
     assert done["state"] == "completed", done
     assert done["source"] == "url"
     assert done["file_name"] == "Cool Style.safetensors"
@@ -187,7 +184,7 @@ async def test_known_civitai_hash_is_a_conflict_at_once(
     data = lora_bytes["kohya_unet"]
     remote.civitai_version(1, data, file_name="first.safetensors")
     remote.civitai_version(2, data, file_name="again.safetensors")
-    first = await download(client, {"civitai": {"model_version_id": 1}})
+    first = await download_lora(client, {"civitai": {"model_version_id": 1}})
     assert first["state"] == "completed", first
     remote.requests.clear()
 
@@ -206,14 +203,14 @@ async def test_same_content_from_a_plain_url_fails_with_the_upload_conflict(
     client: httpx.AsyncClient, remote: FakeRemote, lora_bytes: dict[str, bytes]
 ) -> None:
     data = lora_bytes["kohya_unet"]
-    first = await download(client, {"url": remote.serve("/a.safetensors", data)})
-    second = await download(client, {"url": remote.serve("/b.safetensors", data)})
+    first = await download_lora(client, {"url": remote.serve("/a.safetensors", data)})
+    second = await download_lora(client, {"url": remote.serve("/b.safetensors", data)})
     assert second["state"] == "failed"
     lora = first["lora"]
     assert second["detail"] == (
         f"This file is already added as LoRA '{lora['name']}' (id {lora['id']})."
     )
-    assert await lora_rows(client) == [lora]
+    assert await list_loras(client) == [lora]
 
 
 @pytest.mark.parametrize(
@@ -273,7 +270,7 @@ async def test_civitai_link_with_its_token(
     remote.civitai_version(21, lora_bytes["kohya_unet"], token="tk-1")
     url = remote.url("/civitai/api/download/models/21?type=Model&token=tk-1")
 
-    done = await download(client, {"url": url})
+    done = await download_lora(client, {"url": url})
 
     assert done["state"] == "completed", done
     assert "tk-1" not in str(done)

@@ -3,25 +3,10 @@ the websocket transport, the file coming slowly from the fake remote."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 import httpx
-import pytest
-import socketio
 
-from app.config import Settings
 from tests.fake_remote import FakeRemote
-from tests.harness import WAIT_TIMEOUT, live_server, wait_until_sync
-
-TIMEOUT = WAIT_TIMEOUT  # a bound for a broken run, not a speed target
-Event = tuple[str, dict[str, Any]]
-
-
-@pytest.fixture
-def server_url(settings: Settings) -> Iterator[str]:
-    with live_server(settings) as url:
-        yield url
+from tests.harness import WAIT_TIMEOUT, socket_events, wait_for_event
 
 
 def test_progress_events_in_order(
@@ -29,19 +14,15 @@ def test_progress_events_in_order(
 ) -> None:
     data = lora_bytes["kohya_unet"]
     url = remote.serve("/slow.safetensors", data, chunk=len(data) // 5 + 1, delay=0.3)
-    received: list[Event] = []
-    client = socketio.Client(reconnection=False)
-    client.on("*", lambda event, payload: received.append((event, payload)))
-    client.connect(server_url, transports=["websocket"], wait_timeout=TIMEOUT)
-    try:
-        with httpx.Client(base_url=server_url, timeout=TIMEOUT) as http:
-            response = http.post("/loras/download", json={"url": url})
-            assert response.status_code == 202, response.text
-            download_id = response.json()["id"]
-            wait_until_sync(lambda: any(name == "lora_download_completed" for name, _ in received))
-            lora = http.get(f"/loras/{received[-1][1]['lora']['id']}").json()
-    finally:
-        client.disconnect()
+    with (
+        socket_events(server_url) as received,
+        httpx.Client(base_url=server_url, timeout=WAIT_TIMEOUT) as http,
+    ):
+        response = http.post("/loras/download", json={"url": url})
+        assert response.status_code == 202, response.text
+        download_id = response.json()["id"]
+        wait_for_event(received, "lora_download_completed")
+        lora = http.get(f"/loras/{received[-1][1]['lora']['id']}").json()
 
     ours = [(name, payload) for name, payload in received if payload["download_id"] == download_id]
     names = [name for name, _ in ours]

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -11,32 +10,16 @@ import pytest
 from fastapi import FastAPI
 
 from app.config import Settings
-from tests.app.features.loras.downloads.conftest import (
-    assert_nothing_kept,
-    download,
-    entries,
-    start,
-    wait_for,
-)
+from tests.api import download_lora, start_lora_download, wait_for_lora_download
+from tests.app.features.loras.helpers import assert_nothing_kept, stored_entries_at
 from tests.fake_remote import FakeRemote, closed_port_url
-from tests.harness import SmallDisk, running_app
-
-Events = list[tuple[str, dict[str, Any]]]
-
-
-@pytest.fixture
-def emitted(app: FastAPI) -> Iterator[Events]:
-    """Every event the app emits (no Socket.IO client needed)."""
-    received: Events = []
-    remove = app.state.events.add_listener(lambda name, payload: received.append((name, payload)))
-    yield received
-    remove()
+from tests.harness import Event, SmallDisk, running_app
 
 
 async def assert_failed(
     client: httpx.AsyncClient, settings: Settings, body: dict[str, Any], *fragments: str
 ) -> str:
-    info = await download(client, body)
+    info = await download_lora(client, body)
     assert info["state"] == "failed", info
     detail: str = info["detail"]
     for fragment in fragments:
@@ -74,7 +57,7 @@ async def test_civitai_hash_mismatch(
     settings: Settings,
     remote: FakeRemote,
     lora_bytes: dict[str, bytes],
-    emitted: Events,
+    emitted: list[Event],
 ) -> None:
     remote.civitai_version(9, lora_bytes["kohya_unet"], sha256="ab" * 32)
     detail = await assert_failed(
@@ -152,7 +135,7 @@ async def test_readable_errors(
 
 
 async def test_network_down_after_retries(
-    client: httpx.AsyncClient, settings: Settings, emitted: Events
+    client: httpx.AsyncClient, settings: Settings, emitted: list[Event]
 ) -> None:
     url = closed_port_url("/lora.safetensors")
     detail = await assert_failed(
@@ -169,10 +152,10 @@ async def test_civitai_api_down_fails_the_download_not_the_request(
 ) -> None:
     down = settings.model_copy(update={"civitai_base_url": closed_port_url("")})
     async with running_app(down) as (_, client):
-        started = await start(client, {"civitai": {"model_version_id": 3}})
+        started = await start_lora_download(client, {"civitai": {"model_version_id": 3}})
         assert started["state"] == "failed"
         assert "could not connect" in started["detail"].lower()
-        assert (await wait_for(client, started["id"]))["state"] == "failed"
+        assert (await wait_for_lora_download(client, started["id"]))["state"] == "failed"
 
 
 async def test_the_final_state_is_published_after_the_clean_up(
@@ -181,19 +164,10 @@ async def test_the_final_state_is_published_after_the_clean_up(
     # A client that reads "failed" and then looks at the folder must find it clean: what
     # the folder holds is recorded at the very moment the final event is emitted. (A
     # redirect loop fails the transfer itself, while the temporary file exists.)
-    seen_at_the_end: list[set[str]] = []
-
-    def on_event(name: str, _payload: dict[str, Any]) -> None:
-        if name == "lora_download_failed":
-            seen_at_the_end.append(entries(settings))
-
     remote.redirects["/loop/a"] = remote.url("/loop/b")
     remote.redirects["/loop/b"] = remote.url("/loop/a")
-    remove = app.state.events.add_listener(on_event)
-    try:
+    with stored_entries_at(app, settings, "lora_download_failed") as seen_at_the_end:
         await assert_failed(client, settings, {"url": remote.url("/loop/a")}, "redirects")
-    finally:
-        remove()
     assert seen_at_the_end == [set()]
 
 
@@ -211,4 +185,4 @@ async def test_a_full_disk_fails_the_download_with_a_507_detail_and_keeps_nothin
         disk.fill()
         await assert_failed(client, small, {"url": url}, "the disk is full", "'style.safetensors'")
         disk.free()
-        assert (await download(client, {"url": url}))["state"] == "completed"
+        assert (await download_lora(client, {"url": url}))["state"] == "completed"

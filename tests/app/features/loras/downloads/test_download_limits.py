@@ -1,27 +1,27 @@
 """Downloads are bounded: a server trickling bytes, or sending steadily forever, cannot hold a
 download (and one of the parallel slots) without end, and the queue has a cap (429).
 
-Every wait is "eventually" (``wait_for``/``wait_until`` with the harness's bound): the limits
-are tiny so a broken bound shows as a test that runs into that bound, never as a race."""
+Every wait is "eventually" (``wait_for_lora_download``/``wait_until`` with the harness's
+bound): the limits are tiny so a broken bound shows as a test that runs into that bound, never
+as a race."""
 
 from __future__ import annotations
 
 import json
 import re
 import threading
-from typing import Any
 
 import pytest
 
 from app.config import Settings
-from tests.app.features.loras.downloads.conftest import (
+from tests.api import download_lora, start_lora_download, wait_for_lora_download
+from tests.app.features.loras.helpers import (
     assert_nothing_kept,
-    entries,
-    start,
-    wait_for,
+    stored_entries,
+    stored_entries_at,
 )
 from tests.fake_remote import FakeRemote
-from tests.harness import WAIT_TIMEOUT, running_app, wait_until
+from tests.harness import WAIT_TIMEOUT, recorded_events, running_app, wait_until
 
 STALL = re.compile(
     r"^The server sent only \d+ bytes? in the last 0\.5 s; the download was stopped\. "
@@ -43,17 +43,8 @@ async def test_a_stalled_download_fails_for_good(
         url = remote.serve("/slow.safetensors", b"\0" * 1024 * 1024, drop_after=4, drop_always=True)
     stalling = settings.model_copy(update={"lora_download_stall_timeout": 0.5})
     async with running_app(stalling) as (app, client):
-        at_the_end: list[set[str]] = []
-
-        def on_event(name: str, _payload: dict[str, Any]) -> None:
-            if name == "lora_download_failed":
-                at_the_end.append(entries(stalling))
-
-        remove = app.state.events.add_listener(on_event)
-        try:
-            info = await wait_for(client, (await start(client, {"url": url}))["id"])
-        finally:
-            remove()
+        with stored_entries_at(app, stalling, "lora_download_failed") as at_the_end:
+            info = await download_lora(client, {"url": url})
         assert info["state"] == "failed", info
         assert STALL.match(info["detail"]), info["detail"]
         assert at_the_end == [set()]  # the temporary file was gone before "failed" was sent
@@ -69,7 +60,7 @@ async def test_a_download_past_its_deadline_fails(settings: Settings, remote: Fa
     )
     bounded = settings.model_copy(update={"lora_download_deadline": 1.0})
     async with running_app(bounded) as (_, client):
-        info = await wait_for(client, (await start(client, {"url": url}))["id"])
+        info = await download_lora(client, {"url": url})
         assert info["state"] == "failed", info
         assert info["detail"] == (
             "The download took longer than 1 s (LOCALAI_LORA_DOWNLOAD_DEADLINE = 1 s) and was "
@@ -96,16 +87,14 @@ async def test_too_many_unfinished_downloads_are_refused(
     )
     try:
         async with running_app(limited) as (app, client):
-            running = await start(client, {"url": urls[0]})
-            queued = await start(client, {"url": urls[1]})
+            running = await start_lora_download(client, {"url": urls[0]})
+            queued = await start_lora_download(client, {"url": urls[1]})
             await wait_until(lambda: bool(remote.requests_to(paths[0])), what="first request")
-            events: list[str] = []
-            remove = app.state.events.add_listener(lambda name, _: events.append(name))
-            kept = entries(limited)  # the running download's temporary file
+            kept = stored_entries(limited)  # the running download's temporary file
 
-            refused = await client.post("/loras/download", json={"url": urls[2]})
+            with recorded_events(app) as events:
+                refused = await client.post("/loras/download", json={"url": urls[2]})
 
-            remove()
             assert refused.status_code == 429, refused.text
             assert refused.json() == {
                 "detail": "2 LoRA downloads are already queued or running (the limit is 2, "
@@ -113,17 +102,19 @@ async def test_too_many_unfinished_downloads_are_refused(
                 "some, then try again."
             }
             assert events == []
-            assert entries(limited) == kept
+            assert stored_entries(limited) == kept
             assert remote.requests_to(paths[2]) == []
             listed = (await client.get("/loras/downloads")).json()["downloads"]
             assert {d["id"] for d in listed} == {running["id"], queued["id"]}
 
             cancelled = await client.delete(f"/loras/downloads/{queued['id']}")
             assert cancelled.status_code == 200, cancelled.text
-            again = await start(client, {"url": urls[2]})
+            again = await start_lora_download(client, {"url": urls[2]})
             hold.set()
             for download in (running, again):
-                assert (await wait_for(client, download["id"]))["state"] == "completed"
+                assert (await wait_for_lora_download(client, download["id"]))[
+                    "state"
+                ] == "completed"
     finally:
         hold.set()
 
@@ -147,7 +138,7 @@ async def test_a_civitai_lookup_that_never_answers_fails_within_the_lookup_timeo
     )
     try:
         async with running_app(bounded) as (_app, client):
-            started = await start(client, {"civitai": {"model_version_id": 4321}})
+            started = await start_lora_download(client, {"civitai": {"model_version_id": 4321}})
             assert started["state"] == "failed"
             assert started["detail"] == (
                 "CivitAI did not answer within 0.5 s (LOCALAI_LOOKUP_TIMEOUT); try again later."
