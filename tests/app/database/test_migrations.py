@@ -1,4 +1,5 @@
-"""Alembic migrations and the SQLite connection settings, on real database files."""
+"""Alembic migrations and the SQLite connection settings, on real database files: the whole
+chain, and each migration of the ``loras`` table on rows written before it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from fastapi import FastAPI
 
+from alembic import command
 from app.database.migrations import alembic_config, downgrade_to_base, sync_url, upgrade_to_head
 from app.database.models import Base
 from app.database.session import BUSY_TIMEOUT_MS
@@ -38,6 +40,10 @@ def _tables(engine: sa.Engine) -> set[str]:
 def _revision(engine: sa.Engine) -> str | None:
     with engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
+
+
+def _columns(engine: sa.Engine, table: str) -> set[str]:
+    return {column["name"] for column in sa.inspect(engine).get_columns(table)}
 
 
 def test_upgrade_creates_the_tables(database_url: str, sync_engine: sa.Engine) -> None:
@@ -116,3 +122,54 @@ async def test_app_database_is_migrated_at_start(app: FastAPI) -> None:
     assert names >= TABLES
     head = ScriptDirectory.from_config(alembic_config("sqlite+aiosqlite://")).get_current_head()
     assert version == head
+
+
+# ---------------------------------------------------------------------------------------------
+# Each migration of the loras table, on LoRA rows added before it
+
+_LORA_ROW = (
+    "INSERT INTO loras (name, file_path, file_size, sha256, created_at, updated_at) "
+    "VALUES (:name, '/x', 1, :name, '2025-01-01 00:00:00', '2025-01-01 00:00:00')"
+)
+
+LORA_MIGRATIONS = [
+    pytest.param(
+        "0003",
+        ("format", "base_model", "trigger_words", "raw_metadata", "tensor_sha256"),
+        id="0003-lora-details",
+    ),
+    pytest.param("0004", ("source_url", "civitai"), id="0004-download-source"),
+]
+"""A revision that changes the ``loras`` table, and (some of) the columns it adds: empty on
+the rows that were there before it (a start-up describes them)."""
+
+
+@pytest.mark.parametrize(("revision", "added"), LORA_MIGRATIONS)
+def test_a_loras_migration_keeps_rows_and_downgrade_keeps_ids_unique(
+    database_url: str, sync_engine: sa.Engine, revision: str, added: tuple[str, ...]
+) -> None:
+    config = alembic_config(database_url)
+    previous = ScriptDirectory.from_config(config).get_revision(revision).down_revision
+    assert isinstance(previous, str)
+    command.upgrade(config, previous)
+    with sync_engine.begin() as connection:
+        for name in ("a", "b", "c"):
+            connection.execute(sa.text(_LORA_ROW), {"name": name})
+        connection.execute(sa.text("DELETE FROM loras WHERE name = 'c'"))
+
+    command.upgrade(config, revision)
+    with sync_engine.connect() as connection:
+        rows = connection.execute(sa.text(f"SELECT id, {', '.join(added)} FROM loras")).all()
+    empty = (None,) * len(added)
+    assert [tuple(row) for row in rows] == [(1, *empty), (2, *empty)]
+
+    command.downgrade(config, previous)
+    assert not set(added) & _columns(sync_engine, "loras")
+    with sync_engine.begin() as connection:
+        table_sql = connection.execute(
+            sa.text("SELECT sql FROM sqlite_master WHERE name = 'loras'")
+        ).scalar_one()
+        connection.execute(sa.text(_LORA_ROW), {"name": "d"})
+        ids = connection.execute(sa.text("SELECT id FROM loras ORDER BY id")).scalars().all()
+    assert "AUTOINCREMENT" in table_sql
+    assert ids == [1, 2, 4]  # the deleted LoRA's id 3 is not handed out again
