@@ -2,31 +2,21 @@
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import text
 
 from app.config import EMBEDDED_MODEL_ID, Settings
-from tests.harness import live_server, running_app
+from tests.harness import WAIT_TIMEOUT, running_app, sqlite_refuses
 
 ORIGIN = "http://localhost:3000"
 
 
 async def test_a_server_error_carries_cors_headers(settings: Settings) -> None:
     # Without CORS headers the browser reports a CORS failure instead of the 500.
-    async with running_app(settings, raise_app_exceptions=False) as (app, client):
-        async with app.state.session_factory() as session:
-            # A real database fault: SQLite refuses to delete model rows.
-            await session.execute(
-                text(
-                    "CREATE TRIGGER keep_models BEFORE DELETE ON models "
-                    "BEGIN SELECT RAISE(ABORT, 'refused'); END"
-                )
-            )
-            await session.commit()
+    async with running_app(settings, raise_app_exceptions=False) as (_, client):
+        sqlite_refuses(settings, "DELETE", "models")
         response = await client.delete(
             "/models", params={"model_id": EMBEDDED_MODEL_ID}, headers={"Origin": ORIGIN}
         )
@@ -156,19 +146,15 @@ async def test_a_token_that_cannot_be_sent_is_refused_at_once(
     assert (await client.get("/loras/downloads")).json() == {"downloads": []}
 
 
-def test_a_server_error_leaves_the_keep_alive_connection_usable(settings: Settings) -> None:
+def test_a_server_error_leaves_the_keep_alive_connection_usable(
+    settings: Settings, server_url: str
+) -> None:
     # Over a real server: after a 500 the next request on the same connection is answered
     # (the error used to be re-raised to uvicorn, which dropped the connection unannounced).
-    with live_server(settings) as url:
-        database = settings.resolved_database_url.removeprefix("sqlite+aiosqlite:///")
-        with sqlite3.connect(database) as connection:
-            connection.execute(
-                "CREATE TRIGGER keep_models BEFORE DELETE ON models "
-                "BEGIN SELECT RAISE(ABORT, 'refused'); END"
-            )
-        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        with httpx.Client(base_url=url, limits=limits, timeout=60) as client:
-            failed = client.delete("/models", params={"model_id": EMBEDDED_MODEL_ID})
-            assert failed.status_code == 500
-            assert failed.headers.get("connection") != "close"
-            assert client.get("/").status_code == 200
+    sqlite_refuses(settings, "DELETE", "models")
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    with httpx.Client(base_url=server_url, limits=limits, timeout=WAIT_TIMEOUT) as client:
+        failed = client.delete("/models", params={"model_id": EMBEDDED_MODEL_ID})
+        assert failed.status_code == 500
+        assert failed.headers.get("connection") != "close"
+        assert client.get("/").status_code == 200

@@ -1,5 +1,5 @@
 """Helpers shared by the model tests: the real pipeline lock held, requests started as
-tasks, a load request."""
+tasks (the load request itself is ``tests.api.post_load``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 
-from app.config import EMBEDDED_MODEL_ID
 from app.cores.model_manager.model_manager import ModelManager
 
 
@@ -25,7 +24,3 @@ def pipeline_lock_held(app: FastAPI) -> Iterator[ModelManager]:
 
 def start(coroutine: Coroutine[Any, Any, httpx.Response]) -> asyncio.Task[httpx.Response]:
     return asyncio.ensure_future(coroutine)
-
-
-async def post_load(client: httpx.AsyncClient, model_id: str = EMBEDDED_MODEL_ID) -> httpx.Response:
-    return await client.post("/models/load", json={"model_id": model_id})

@@ -32,8 +32,9 @@ from fastapi import FastAPI
 from app.config import EMBEDDED_MODEL_ID, Settings
 from app.cores.model_manager.model_manager import ModelManager
 from app.database import crud
-from tests.app.features.models.helpers import pipeline_lock_held, post_load, start
-from tests.harness import wait_until
+from tests.api import create_history, list_histories, post_load
+from tests.app.features.models.helpers import pipeline_lock_held, start
+from tests.harness import recorded_events, wait_until
 
 COPY_ID = "tests/tiny-sd-copy"
 
@@ -90,14 +91,9 @@ async def test_load_answers_with_the_model_description(client: httpx.AsyncClient
 async def test_loading_the_loaded_model_again_returns_at_once(
     loaded_client: httpx.AsyncClient, app: FastAPI
 ) -> None:
-    events: list[str] = []
-    remove = app.state.events.add_listener(lambda name, _: events.append(name))
-    try:
-        # Even while a generation holds the pipeline: the answer needs no lock.
-        with app.state.model_manager.held():
-            response = await post_load(loaded_client)
-    finally:
-        remove()
+    # Even while a generation holds the pipeline: the answer needs no lock.
+    with recorded_events(app) as events, app.state.model_manager.held():
+        response = await post_load(loaded_client)
     assert response.status_code == 200
     assert response.json()["model_id"] == EMBEDDED_MODEL_ID
     assert events == []  # not reloaded: no model_load_* events
@@ -111,8 +107,8 @@ async def test_switching_to_another_model_replaces_the_loaded_one(
     assert response.status_code == 200, response.text
     assert response.json()["model_id"] == COPY_ID
     assert app.state.model_manager.loaded_model_id == COPY_ID
-    history_id = (await loaded_client.post("/histories", json={"prompt": "x"})).json()
-    [history] = [h for h in (await loaded_client.get("/histories")).json() if h["id"] == history_id]
+    history_id = await create_history(loaded_client, {"prompt": "x"})
+    [history] = [h for h in await list_histories(loaded_client) if h["id"] == history_id]
     assert history["model"] == COPY_ID
 
 
@@ -190,11 +186,9 @@ async def test_two_loads_of_the_same_model_one_waits_for_nothing(
     with pipeline_lock_held(app) as manager:
         first = start(post_load(client))
         second = start(post_load(client))
-        done, _ = await asyncio.wait(
-            {first, second}, timeout=10, return_when=asyncio.FIRST_COMPLETED
-        )
+        await wait_until(lambda: first.done() or second.done(), what="one load answered")
         # The one that reached the manager second found the model loading: 204 at once.
-        [duplicate] = done
+        [duplicate] = [load for load in (first, second) if load.done()]
         assert duplicate.result().status_code == 204
         assert manager.loading_model_id == EMBEDDED_MODEL_ID
     statuses = sorted(r.status_code for r in await asyncio.gather(first, second))
@@ -330,9 +324,9 @@ async def test_load_then_unload_sent_together_ends_unloaded(client: httpx.AsyncC
     # "latest request wins" order on arrival, before its database lookup, so the unload
     # that arrives right after it wins.
     load, unload = await asyncio.gather(
-        client.post("/models/load", json={"model_id": EMBEDDED_MODEL_ID}),
+        post_load(client),
         client.post("/models/unload"),
     )
     assert unload.status_code == 200
     assert load.status_code == 204
-    assert (await client.post("/histories", json={"prompt": "x"})).status_code == 400
+    assert await _nothing_loaded(client)

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import httpx
 from fastapi import FastAPI
-from sqlalchemy import text
 
 from app.config import EMBEDDED_MODEL_ID, Settings
-from app.main import create_app
-from tests.app.features.models.helpers import pipeline_lock_held, post_load, start
-from tests.harness import wait_until
+from tests.api import downloaded_models, post_load
+from tests.app.features.models.helpers import pipeline_lock_held, start
+from tests.harness import running_app, sqlite_refuses, wait_until
 
 
 async def test_delete_the_loaded_model_is_a_conflict(
@@ -21,7 +20,7 @@ async def test_delete_the_loaded_model_is_a_conflict(
     assert response.status_code == 409
     assert isinstance(response.json()["detail"], str)
     assert (settings.models_dir / "embedded--tiny-sd" / "model_index.json").is_file()
-    assert len((await loaded_client.get("/models/downloaded")).json()) == 1
+    assert list(await downloaded_models(loaded_client)) == [EMBEDDED_MODEL_ID]
 
 
 async def test_delete_a_loading_model_is_a_conflict(
@@ -50,26 +49,17 @@ async def test_delete_after_unload_removes_files_and_row(
     assert response.status_code == 200, response.text
     assert EMBEDDED_MODEL_ID in response.json()["message"]
     assert not (settings.models_dir / "embedded--tiny-sd").exists()
-    assert (await loaded_client.get("/models/downloaded")).json() == []
+    assert await downloaded_models(loaded_client) == {}
     # Gone for good: loading it now is "not downloaded", deleting again "unknown".
     assert (await post_load(loaded_client)).status_code == 404
     again = await loaded_client.delete("/models", params={"model_id": EMBEDDED_MODEL_ID})
     assert again.status_code == 400
 
 
-async def test_a_failed_delete_keeps_the_model_folder(app: FastAPI, settings: Settings) -> None:
-    async with app.state.session_factory() as session:
-        # A real database fault: SQLite refuses to delete model rows.
-        await session.execute(
-            text(
-                "CREATE TRIGGER keep_models BEFORE DELETE ON models "
-                "BEGIN SELECT RAISE(ABORT, 'refused'); END"
-            )
-        )
-        await session.commit()
+async def test_a_failed_delete_keeps_the_model_folder(settings: Settings) -> None:
     folder = settings.models_dir / "embedded--tiny-sd"
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+    async with running_app(settings, raise_app_exceptions=False) as (_, client):
+        sqlite_refuses(settings, "DELETE", "models")
         response = await client.delete("/models", params={"model_id": EMBEDDED_MODEL_ID})
     assert response.status_code == 500
     assert response.json() == {"detail": "Internal server error"}
@@ -80,7 +70,6 @@ async def test_a_failed_delete_keeps_the_model_folder(app: FastAPI, settings: Se
 async def test_start_up_removes_folders_of_interrupted_deletes(settings: Settings) -> None:
     leftover = settings.models_dir / ".trash-0123"
     (leftover / "unet").mkdir(parents=True)
-    application = create_app(settings)
-    async with application.router.lifespan_context(application):
+    async with running_app(settings):
         assert not leftover.exists()
         assert (settings.models_dir / "embedded--tiny-sd" / "model_index.json").is_file()
