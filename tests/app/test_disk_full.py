@@ -10,21 +10,14 @@ from typing import Any
 
 import httpx
 
-from app.config import EMBEDDED_MODEL_ID, Settings
-from tests.api import BASE_CONFIG, config_with, create_history, post_generate
+from app.config import Settings
+from tests.api import config_with, create_history, list_histories, load_model, post_generate
 from tests.harness import SmallDisk, running_app
 
 
 def assert_disk_full(response: httpx.Response) -> None:
     assert response.status_code == 507, response.text
     assert response.json()["detail"].startswith("The disk is full:")
-
-
-async def histories(client: httpx.AsyncClient) -> list[dict[str, Any]]:
-    response = await client.get("/histories")
-    assert response.status_code == 200, response.text
-    entries: list[dict[str, Any]] = response.json()
-    return entries
 
 
 def image_files(settings: Settings) -> set[str]:
@@ -35,11 +28,6 @@ def recorded_images(entries: list[dict[str, Any]]) -> set[str]:
     return {
         image["path"].rsplit("/", 1)[-1] for entry in entries for image in entry["generated_images"]
     }
-
-
-async def load_model(client: httpx.AsyncClient) -> None:
-    loaded = await client.post("/models/load", json={"model_id": EMBEDDED_MODEL_ID})
-    assert loaded.status_code == 200, loaded.text
 
 
 async def test_images_on_a_full_disk_keep_nothing_and_work_once_space_is_freed(
@@ -60,11 +48,11 @@ async def test_images_on_a_full_disk_keep_nothing_and_work_once_space_is_freed(
         assert_disk_full(await post_generate(client, config, history_id))
         assert image_files(settings) == set()  # no PNG, no temporary file
         disk.free()
-        assert await histories(client) == []  # as after any failed run: its entry is gone
+        assert await list_histories(client) == []  # as after any failed run: its entry is gone
 
         response = await post_generate(client, config)
         assert response.status_code == 200, response.text
-        assert image_files(settings) == recorded_images(await histories(client))
+        assert image_files(settings) == recorded_images(await list_histories(client))
         assert len(image_files(settings)) == 3
 
 
@@ -75,12 +63,12 @@ async def test_a_database_write_on_a_full_disk_is_a_507_and_leaves_no_row(
     async with running_app(settings) as (_app, client):
         await load_model(client)
         disk.fill()
-        long_prompt = {**BASE_CONFIG, "prompt": "a very long prompt " * 50}
+        long_prompt = config_with(prompt="a very long prompt " * 50)
         assert_disk_full(await client.post("/histories", json=long_prompt))
         disk.free()
-        assert await histories(client) == []
+        assert await list_histories(client) == []
         history_id = await create_history(client, long_prompt)
-        assert [e["id"] for e in await histories(client)] == [history_id]
+        assert [e["id"] for e in await list_histories(client)] == [history_id]
 
 
 async def test_saving_settings_on_a_full_disk_is_a_507_and_keeps_the_old_ones(

@@ -11,7 +11,6 @@ from typing import Any
 
 import httpx
 import numpy as np
-import numpy.typing as npt
 import pytest
 from fastapi import FastAPI
 from PIL import Image
@@ -19,22 +18,20 @@ from PIL import Image
 from app.config import EMBEDDED_MODEL_ID, Settings
 from app.cores.model_manager.model_manager import ModelManager
 from app.cores.model_manager.pipeline_manager import PipelineManager
-from tests.api import create_history, fetch_png, post_generate
+from tests.api import (
+    config_with,
+    create_history,
+    fetch_png,
+    generated,
+    list_histories,
+    post_generate,
+    rgb,
+)
 from tests.contract import SAMPLER_VALUES
 from tests.harness import paused_at, wait_until
 
-FAST: dict[str, Any] = {"prompt": "a red fox", "width": 64, "height": 64, "steps": 2}
-
-
-async def _generate(client: httpx.AsyncClient, config: dict[str, Any]) -> dict[str, Any]:
-    response = await post_generate(client, config)
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return body
-
-
-def _pixels(image: Image.Image) -> npt.NDArray[np.uint8]:
-    return np.asarray(image.convert("RGB"))
+FAST = config_with(prompt="a red fox", steps=2)
+"""The base config in two steps: these tests are about the requests, not the picture."""
 
 
 def _generated_files(settings: Settings) -> list[str]:
@@ -49,7 +46,7 @@ async def test_samplers_are_listed(client: httpx.AsyncClient) -> None:
     assert all(s["name"] and s["description"] for s in samplers)
 
 
-async def test_images_are_saved_served_and_linked_to_thecreate_history(
+async def test_images_are_saved_served_and_linked_to_the_history(
     loaded_client: httpx.AsyncClient, settings: Settings
 ) -> None:
     config = {**FAST, "seed": 1234, "negative_prompt": "blurry"}
@@ -75,11 +72,11 @@ async def test_images_are_saved_served_and_linked_to_thecreate_history(
     assert "Seed: 1234" in parameters
     assert "Steps: 2" in parameters
     assert "Size: 64x64" in parameters
-    assert "Sampler: Euler A" in parameters
+    assert "Sampler: Euler," in parameters  # BASE_CONFIG's sampler
     assert f"Model: {EMBEDDED_MODEL_ID}" in parameters
-    assert _pixels(image).std() > 0  # a real image, not a blank one
+    assert rgb(image).std() > 0  # a real image, not a blank one
 
-    [history] = (await loaded_client.get("/histories")).json()
+    [history] = await list_histories(loaded_client)
     assert history["id"] == history_id
     [linked] = history["generated_images"]
     assert linked["path"] == path
@@ -92,8 +89,8 @@ async def test_images_are_saved_served_and_linked_to_thecreate_history(
 async def test_same_seed_gives_the_same_pixels(loaded_client: httpx.AsyncClient) -> None:
     images = []
     for seed in (99, 99, 100):
-        [item] = (await _generate(loaded_client, {**FAST, "seed": seed}))["items"]
-        images.append(_pixels(await fetch_png(loaded_client, item["path"])))
+        [item] = (await generated(loaded_client, {**FAST, "seed": seed}))["items"]
+        images.append(rgb(await fetch_png(loaded_client, item["path"])))
     first, again, other = images
     assert np.array_equal(first, again)
     assert not np.array_equal(first, other)
@@ -102,35 +99,33 @@ async def test_same_seed_gives_the_same_pixels(loaded_client: httpx.AsyncClient)
 async def test_random_seed_is_recorded_and_reproduces_the_image(
     loaded_client: httpx.AsyncClient,
 ) -> None:
-    body = await _generate(loaded_client, {**FAST, "seed": -1})
+    body = await generated(loaded_client, {**FAST, "seed": -1})
     [seed] = body["seeds"]
     assert 0 <= seed < 2**32
-    [history] = (await loaded_client.get("/histories")).json()
+    [history] = await list_histories(loaded_client)
     assert history["config"]["seed"] == -1  # the request is stored as sent
     assert [i["seed"] for i in history["generated_images"]] == [seed]
     random_image = await fetch_png(loaded_client, body["items"][0]["path"])
     assert f"Seed: {seed}," in random_image.info["parameters"]
 
-    [item] = (await _generate(loaded_client, {**FAST, "seed": seed}))["items"]
-    assert np.array_equal(
-        _pixels(random_image), _pixels(await fetch_png(loaded_client, item["path"]))
-    )
+    [item] = (await generated(loaded_client, {**FAST, "seed": seed}))["items"]
+    assert np.array_equal(rgb(random_image), rgb(await fetch_png(loaded_client, item["path"])))
 
 
 async def test_batch_gives_distinct_images_with_consecutive_seeds(
     loaded_client: httpx.AsyncClient, settings: Settings
 ) -> None:
-    body = await _generate(loaded_client, {**FAST, "seed": 10, "number_of_images": 3})
+    body = await generated(loaded_client, {**FAST, "seed": 10, "number_of_images": 3})
     assert body["seeds"] == [10, 11, 12]
     assert body["nsfw_content_detected"] == [False] * 3
     paths = [item["path"] for item in body["items"]]
     assert len(set(paths)) == 3
     assert len(_generated_files(settings)) == 3
-    pixels = [_pixels(await fetch_png(loaded_client, path)) for path in paths]
+    pixels = [rgb(await fetch_png(loaded_client, path)) for path in paths]
     for a in range(3):
         for b in range(a + 1, 3):
             assert not np.array_equal(pixels[a], pixels[b])
-    [history] = (await loaded_client.get("/histories")).json()
+    [history] = await list_histories(loaded_client)
     images = history["generated_images"]
     assert [i["path"] for i in images] == paths  # batch order
     assert [i["seed"] for i in images] == [10, 11, 12]
@@ -139,16 +134,16 @@ async def test_batch_gives_distinct_images_with_consecutive_seeds(
 async def test_size_is_rounded_down_to_a_multiple_of_eight(
     loaded_client: httpx.AsyncClient,
 ) -> None:
-    body = await _generate(loaded_client, {**FAST, "width": 70, "height": 79})
+    body = await generated(loaded_client, {**FAST, "width": 70, "height": 79})
     image = await fetch_png(loaded_client, body["items"][0]["path"])
     assert image.size == (64, 72)
-    [history] = (await loaded_client.get("/histories")).json()
+    [history] = await list_histories(loaded_client)
     assert (history["config"]["width"], history["config"]["height"]) == (70, 79)
 
 
 async def test_hires_fix_doubles_the_size(loaded_client: httpx.AsyncClient) -> None:
     hires = {"upscale_factor": 2, "upscaler": "Lanczos", "denoising_strength": 0.5, "steps": 2}
-    body = await _generate(loaded_client, {**FAST, "seed": 5, "hires_fix": hires})
+    body = await generated(loaded_client, {**FAST, "seed": 5, "hires_fix": hires})
     image = await fetch_png(loaded_client, body["items"][0]["path"])
     assert image.size == (128, 128)
     parameters = image.info["parameters"]
@@ -162,13 +157,13 @@ async def test_hires_fix_without_denoising_only_resizes(
 ) -> None:
     config = {**FAST, "seed": 8}
     hires = {"upscale_factor": 2, "upscaler": "Lanczos", "denoising_strength": 0, "steps": 0}
-    base_body = await _generate(loaded_client, config)
-    hires_body = await _generate(loaded_client, {**config, "hires_fix": hires})
+    base_body = await generated(loaded_client, config)
+    hires_body = await generated(loaded_client, {**config, "hires_fix": hires})
     base = await fetch_png(loaded_client, base_body["items"][0]["path"])
     upscaled = await fetch_png(loaded_client, hires_body["items"][0]["path"])
     assert upscaled.size == (128, 128)
     expected = base.resize((128, 128), Image.Resampling.LANCZOS)
-    assert np.array_equal(_pixels(upscaled), _pixels(expected))
+    assert np.array_equal(rgb(upscaled), rgb(expected))
 
 
 async def test_ai_upscaler_is_refused(loaded_client: httpx.AsyncClient, settings: Settings) -> None:
@@ -184,7 +179,7 @@ async def test_ai_upscaler_is_refused(loaded_client: httpx.AsyncClient, settings
     assert _generated_files(settings) == []
     # The history entry the UI made for this run is gone: an entry without images would
     # look like a run whose images went missing.
-    assert (await loaded_client.get("/histories")).json() == []
+    assert await list_histories(loaded_client) == []
 
 
 async def test_any_failure_inside_the_pipeline_is_a_400_with_its_reason(
@@ -203,11 +198,11 @@ async def test_any_failure_inside_the_pipeline_is_a_400_with_its_reason(
     detail = response.json()["detail"]
     assert detail.startswith("Generation failed (TypeError)")
     assert "clip_skip" in detail
-    [history] = (await loaded_client.get("/histories")).json()
+    [history] = await list_histories(loaded_client)
     assert history["id"] == kept  # only the entry whose run made an image
     # A history entry that already has images keeps them when a later run fails.
     assert (await post_generate(loaded_client, FAST, kept)).status_code == 400
-    [history] = (await loaded_client.get("/histories")).json()
+    [history] = await list_histories(loaded_client)
     assert len(history["generated_images"]) == 1
 
 
@@ -272,4 +267,4 @@ async def test_unload_waits_for_a_running_generation(
     [item] = response.json()["items"]
     assert (await fetch_png(loaded_client, item["path"])).size == (96, 96)
     assert manager.loaded_model_id is None
-    assert (await loaded_client.post("/histories", json=FAST)).status_code == 400
+    assert (await loaded_client.post("/histories", json=FAST)).status_code == 400  # unloaded

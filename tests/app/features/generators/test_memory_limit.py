@@ -9,7 +9,8 @@ import httpx
 from fastapi import FastAPI
 
 from app.config import Settings
-from tests.api import config_with, create_history
+from tests.api import config_with, create_history, list_histories, post_generate
+from tests.harness import recorded_events
 
 
 async def test_a_request_beyond_the_users_memory_share_is_refused_before_it_runs(
@@ -32,16 +33,8 @@ async def test_a_request_beyond_the_users_memory_share_is_refused_before_it_runs
         },
     )
     history_id = await create_history(client, config)
-    steps: list[str] = []
-    remove = app.state.events.add_listener(
-        lambda name, _payload: steps.append(name) if name == "image_generation_step_end" else None
-    )
-    try:
-        response = await client.post(
-            "/generators", json={"history_id": history_id, "config": config}
-        )
-    finally:
-        remove()
+    with recorded_events(app) as events:
+        response = await post_generate(client, config, history_id)
 
     assert response.status_code == 400, response.text
     detail = response.json()["detail"]
@@ -54,13 +47,11 @@ async def test_a_request_beyond_the_users_memory_share_is_refused_before_it_runs
     assert float(match.group(1)) > float(match.group(2))
     assert "ram_scale_factor" in detail
     assert "fewer or smaller images" in detail
-    assert steps == []  # refused before the first step
-    assert (await client.get("/histories")).json() == []  # like any failed run
+    # Refused before the first step:
+    assert [name for name, _ in events if name == "image_generation_step_end"] == []
+    assert await list_histories(client) == []  # like any failed run
     assert list(settings.generated_images_dir.iterdir()) == []
 
     # The same model still generates what fits.
-    small = config_with()
-    response = await client.post(
-        "/generators", json={"history_id": await create_history(client, small), "config": small}
-    )
+    response = await post_generate(client, config_with())
     assert response.status_code == 200, response.text

@@ -9,25 +9,15 @@ import httpx
 
 from app.config import EMBEDDED_MODEL_ID, Settings
 from app.features.generators.schemas import DEFAULT_NEGATIVE_PROMPT
-from tests.api import post_generate
+from tests.api import config_with, create_history, list_histories, load_model, post_generate
 from tests.harness import running_app
-
-FAST = {"width": 64, "height": 64, "steps": 2, "seed": 7}
-
-
-async def _create(client: httpx.AsyncClient, config: dict[str, Any]) -> int:
-    response = await client.post("/histories", json=config)
-    assert response.status_code == 200, response.text
-    history_id = response.json()
-    assert type(history_id) is int  # a bare JSON integer, not an object
-    return history_id
 
 
 async def test_needs_a_loaded_model(client: httpx.AsyncClient) -> None:
     response = await client.post("/histories", json={"prompt": "a cat"})
     assert response.status_code == 400
     assert "No model is currently loaded" in response.json()["detail"]
-    assert (await client.get("/histories")).json() == []
+    assert await list_histories(client) == []
 
 
 async def test_empty_list(client: httpx.AsyncClient) -> None:
@@ -39,7 +29,7 @@ async def test_empty_list(client: httpx.AsyncClient) -> None:
 async def test_listed_oldest_first_with_config_after_defaults(
     loaded_client: httpx.AsyncClient,
 ) -> None:
-    first = await _create(loaded_client, {"prompt": "first"})
+    first = await create_history(loaded_client, {"prompt": "first"})
     sent = {
         "prompt": "second",
         "negative_prompt": "",
@@ -61,10 +51,10 @@ async def test_listed_oldest_first_with_config_after_defaults(
         },
         "unknown_field": "ignored",
     }
-    second = await _create(loaded_client, sent)
+    second = await create_history(loaded_client, sent)
     assert second > first
 
-    histories = (await loaded_client.get("/histories")).json()
+    histories = await list_histories(loaded_client)
     assert [h["id"] for h in histories] == [first, second]
     old, new = histories
     assert old["prompt"] == "first"
@@ -101,8 +91,10 @@ async def test_listed_oldest_first_with_config_after_defaults(
 
 
 async def test_numeric_strings_are_accepted(loaded_client: httpx.AsyncClient) -> None:
-    await _create(loaded_client, {"prompt": "x", "steps": "4", "width": "128", "cfg_scale": "6.5"})
-    [history] = (await loaded_client.get("/histories")).json()
+    await create_history(
+        loaded_client, {"prompt": "x", "steps": "4", "width": "128", "cfg_scale": "6.5"}
+    )
+    [history] = await list_histories(loaded_client)
     config = history["config"]
     assert (config["steps"], config["width"], config["cfg_scale"]) == (4, 128, 6.5)
 
@@ -167,14 +159,12 @@ async def test_invalid_config_is_refused(client: httpx.AsyncClient) -> None:
 async def test_delete_removes_the_entry_and_its_images(
     loaded_client: httpx.AsyncClient, settings: Settings
 ) -> None:
-    config = {"prompt": "to delete", **FAST, "number_of_images": 2}
-    doomed = await _create(loaded_client, config)
-    kept = await _create(loaded_client, {**config, "prompt": "to keep"})
+    config = config_with(prompt="to delete", number_of_images=2)
+    doomed = await create_history(loaded_client, config)
+    kept = await create_history(loaded_client, {**config, "prompt": "to keep"})
     paths = {}
     for history_id in (doomed, kept):
-        response = await loaded_client.post(
-            "/generators", json={"history_id": history_id, "config": config}
-        )
+        response = await post_generate(loaded_client, config, history_id)
         assert response.status_code == 200, response.text
         paths[history_id] = [item["path"] for item in response.json()["items"]]
     files = {
@@ -182,13 +172,13 @@ async def test_delete_removes_the_entry_and_its_images(
         for history_id, urls in paths.items()
     }
     assert all(f.is_file() for group in files.values() for f in group)
-    listed = {h["id"]: h for h in (await loaded_client.get("/histories")).json()}
+    listed = {h["id"]: h for h in await list_histories(loaded_client)}
     assert [i["path"] for i in listed[doomed]["generated_images"]] == paths[doomed]
 
     response = await loaded_client.delete(f"/histories/{doomed}")
     assert response.status_code == 200
     assert isinstance(response.json()["message"], str)
-    assert [h["id"] for h in (await loaded_client.get("/histories")).json()] == [kept]
+    assert [h["id"] for h in await list_histories(loaded_client)] == [kept]
     assert not any(f.exists() for f in files[doomed])
     assert all(f.is_file() for f in files[kept])  # the other entry's images stay
     for url in paths[doomed]:
@@ -209,8 +199,8 @@ async def test_start_up_removes_images_that_no_history_records(settings: Setting
     # What a crash between writing the PNGs and committing their rows leaves behind: PNGs
     # without rows and temporary files. The next start removes them; recorded images stay.
     async with running_app(settings) as (_, client):
-        assert (await client.post("/models/load", json={"model_id": EMBEDDED_MODEL_ID})).is_success
-        response = await post_generate(client, {"prompt": "kept", **FAST})
+        await load_model(client)
+        response = await post_generate(client, config_with(prompt="kept"))
         assert response.status_code == 200, response.text
     [kept] = [item["file_name"] + ".png" for item in response.json()["items"]]
     folder = settings.generated_images_dir
@@ -218,5 +208,5 @@ async def test_start_up_removes_images_that_no_history_records(settings: Setting
     (folder / ".tmp-abc123").write_bytes(b"half a png")
     async with running_app(settings) as (_, client):
         assert sorted(p.name for p in folder.iterdir()) == [kept]
-        [history] = (await client.get("/histories")).json()
+        [history] = await list_histories(client)
         assert [image["file_name"] + ".png" for image in history["generated_images"]] == [kept]
