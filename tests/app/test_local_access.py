@@ -5,7 +5,6 @@ server on localhost, packaged renderer on ``app://-``), scripts and curl work as
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from diffusers import StableDiffusionPipeline
 from app.config import Settings
 from tests.api import BASE_CONFIG, create_history, upload_lora
 from tests.factories.lora_files import write_lora
-from tests.harness import WAIT_TIMEOUT, live_server, running_app
+from tests.harness import WAIT_TIMEOUT, connect, running_app, socket_client
 
 ALLOWED_BY_DEFAULT = [
     "http://localhost:3000",  # the UI's development server
@@ -184,43 +183,32 @@ async def test_a_server_bound_to_a_lan_address_answers_to_it(settings: Settings)
         assert (await client.get("/", headers={"Host": "192.168.1.6"})).status_code == 403
 
 
-def test_the_websocket_handshake_obeys_the_same_lists(
-    tmp_path: Path, embedded_model_dir: Path
-) -> None:
+def test_the_websocket_handshake_obeys_the_same_lists(server_url: str) -> None:
     """A real Socket.IO client against a real uvicorn: a foreign page cannot open the
     websocket (progress, prompts in previews, download events); the UI's origins can."""
-    cache = tmp_path / "cache"
-    shutil.copytree(embedded_model_dir, cache / "models" / "embedded--tiny-sd")
-    with live_server(Settings(cache_dir=cache)) as url:
-        for origin in ("http://localhost:3000", "app://-"):
-            ui = _socket_client(origin=origin)
-            ui.connect(url, transports=["websocket"], wait_timeout=WAIT_TIMEOUT)
-            assert ui.connected
-            ui.disconnect()
-        port = url.rsplit(":", 1)[1]
-        refused = [
-            {"origin": "https://evil.example"},
-            {"origin": "null"},
-            {"origin": f"http://evil.example:{port}", "host": f"evil.example:{port}"},
-        ]
-        for headers in refused:
-            page = _socket_client(**headers)
-            with pytest.raises(socketio.exceptions.ConnectionError):
-                page.connect(url, transports=["websocket"], wait_timeout=WAIT_TIMEOUT)
-            assert not page.connected
-        with httpx.Client(base_url=url) as http:  # the handshake over plain HTTP too
-            response = http.get(
-                "/socket.io/",
-                params={"EIO": "4", "transport": "websocket"},
-                headers={"Origin": "https://evil.example"},
-            )
-            assert_refused_origin(response, "https://evil.example")
-
-
-def _socket_client(**handshake: str) -> socketio.Client:
-    """A client whose websocket handshake carries exactly these ``origin``/``host`` values
-    (given as headers, websocket-client would add its own Origin as well)."""
-    return socketio.Client(reconnection=False, websocket_extra_options=handshake)
+    for origin in ("http://localhost:3000", "app://-"):
+        ui = socket_client(origin=origin)
+        connect(ui, server_url)
+        assert ui.connected
+        ui.disconnect()
+    port = server_url.rsplit(":", 1)[1]
+    refused = [
+        {"origin": "https://evil.example"},
+        {"origin": "null"},
+        {"origin": f"http://evil.example:{port}", "host": f"evil.example:{port}"},
+    ]
+    for headers in refused:
+        page = socket_client(**headers)
+        with pytest.raises(socketio.exceptions.ConnectionError):
+            connect(page, server_url)
+        assert not page.connected
+    with httpx.Client(base_url=server_url, timeout=WAIT_TIMEOUT) as http:  # plain HTTP too
+        response = http.get(
+            "/socket.io/",
+            params={"EIO": "4", "transport": "websocket"},
+            headers={"Origin": "https://evil.example"},
+        )
+        assert_refused_origin(response, "https://evil.example")
 
 
 async def test_a_second_origin_or_host_header_cannot_smuggle_a_name_in(

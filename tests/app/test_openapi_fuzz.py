@@ -12,7 +12,6 @@ Hypothesis generates deterministically: a failure found once is found again.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ from app.config import EMBEDDED_MODEL_ID, Settings
 from app.main import create_app
 from tests.factories import lora_files
 from tests.fake_remote import running_remote
-from tests.harness import WAIT_TIMEOUT, live_server
+from tests.harness import WAIT_TIMEOUT, live_server, settings_with_embedded_model
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "20"))
 """Random examples per operation (Hypothesis' ``max_examples``)."""
@@ -128,10 +127,9 @@ def server(
 ) -> Iterator[ServerUnderTest]:
     """The app served by uvicorn on its own cache, with two LoRAs uploaded."""
     root = tmp_path_factory.mktemp("fuzz")
-    cache = root / "cache"
-    shutil.copytree(embedded_model_dir, cache / "models" / "embedded--tiny-sd")
-    settings = Settings(
-        cache_dir=cache,
+    settings = settings_with_embedded_model(
+        root / "cache",
+        embedded_model_dir,
         # The UI's device choice (PUT /config/device, fuzzed too) must not send loads to a GPU
         # that is not there: the generations need the model.
         device="cpu",

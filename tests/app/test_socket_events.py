@@ -5,20 +5,26 @@ from __future__ import annotations
 
 import base64
 import io
-import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import socketio
 from PIL import Image
 
 from app.config import EMBEDDED_MODEL_ID, Settings
 from app.main import SOCKET_MAX_MESSAGE_BYTES
-from tests.harness import WAIT_TIMEOUT, live_server, wait_until_sync
+from tests.api import config_with
+from tests.harness import (
+    WAIT_TIMEOUT,
+    Event,
+    connect,
+    live_server,
+    socket_client,
+    socket_events,
+    wait_for_event,
+    wait_until_sync,
+)
 
 LOAD_PHASES = [
     "initialization",
@@ -30,82 +36,53 @@ LOAD_PHASES = [
     "device_setup",
     "optimization",
 ]
-TIMEOUT = WAIT_TIMEOUT  # a bound for a broken run, not a speed target
-
-Event = tuple[str, dict[str, Any]]
-
-
-@dataclass
-class Server:
-    url: str
-    http: httpx.Client
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path) -> Iterator[Server]:
-    """The real server, shared by this module's tests."""
-    cache = tmp_path_factory.mktemp("socket") / "cache"
-    shutil.copytree(embedded_model_dir, cache / "models" / "embedded--tiny-sd")
-    with (
-        live_server(Settings(cache_dir=cache)) as url,
-        httpx.Client(base_url=url, timeout=60) as http,
-    ):
-        yield Server(url=url, http=http)
 
 
 @pytest.fixture
-def events(server: Server) -> Iterator[list[Event]]:
+def http(server_url: str) -> Iterator[httpx.Client]:
+    """Plain HTTP to the real server, driving the work."""
+    with httpx.Client(base_url=server_url, timeout=WAIT_TIMEOUT) as client:
+        yield client
+
+
+@pytest.fixture
+def events(server_url: str) -> Iterator[list[Event]]:
     """Every event the server broadcasts while the test runs, in arrival order."""
-    received: list[Event] = []
-    client = socketio.Client(reconnection=False)
-
-    def _record(event: str, data: dict[str, Any]) -> None:
-        received.append((event, data))
-
-    client.on("*", _record)  # the catch-all handler gets every event's name and payload
-    client.connect(server.url, transports=["websocket"], wait_timeout=TIMEOUT)
-    assert client.transport() == "websocket"
-    try:
+    with socket_events(server_url) as received:
         yield received
-    finally:
-        client.disconnect()
-
-
-def _wait_for_event(received: list[Event], start: int, name: str, **fields: Any) -> list[Event]:
-    """Wait until ``name`` with ``fields`` arrives after ``received[start]``; events so far."""
-
-    def arrived() -> bool:
-        return any(
-            event == name and all(data.get(k) == v for k, v in fields.items())
-            for event, data in received[start:]
-        )
-
-    wait_until_sync(arrived, what=f"event {name}")
-    return list(received[start:])
 
 
 def _names(events: list[Event]) -> list[str]:
     return [name for name, _ in events]
 
 
-def _generate(server: Server, config: dict[str, Any]) -> dict[str, Any]:
-    history = server.http.post("/histories", json=config)
+def _load(http: httpx.Client) -> None:
+    response = http.post("/models/load", json={"model_id": EMBEDDED_MODEL_ID})
+    assert response.status_code == 200, response.text
+
+
+def _loaded(http: httpx.Client, events: list[Event]) -> int:
+    """Load the model and wait for its last load event; where the next events start."""
+    _load(http)
+    wait_for_event(events, "model_load_completed")
+    return len(events)
+
+
+def _generate(http: httpx.Client, **overrides: Any) -> dict[str, Any]:
+    """``tests.api.post_generate`` for this synchronous client: the UI's two requests."""
+    config = config_with(**overrides)
+    history = http.post("/histories", json=config)
     assert history.status_code == 200, history.text
-    response = server.http.post(
-        "/generators", json={"history_id": history.json(), "config": config}
-    )
+    response = http.post("/generators", json={"history_id": history.json(), "config": config})
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
 
 
-def test_model_load_events(server: Server, events: list[Event]) -> None:
-    assert server.http.post("/models/unload").status_code == 200
-    start = len(events)
-    response = server.http.post("/models/load", json={"model_id": EMBEDDED_MODEL_ID})
-    assert response.status_code == 200, response.text
+def test_model_load_events(http: httpx.Client, events: list[Event]) -> None:
+    _load(http)
 
-    load = _wait_for_event(events, start, "model_load_completed")
+    load = wait_for_event(events, "model_load_completed")
     assert _names(load) == [
         "model_load_started",
         *["model_load_progress"] * 8,
@@ -123,10 +100,9 @@ def test_model_load_events(server: Server, events: list[Event]) -> None:
     # Loading the loaded model again answers at once and emits nothing. The emitter keeps
     # one FIFO, so a generation afterwards is a barrier: any load event would come first.
     again = len(events)
-    response = server.http.post("/models/load", json={"model_id": EMBEDDED_MODEL_ID})
-    assert response.status_code == 200
-    _generate(server, {"prompt": "barrier", "width": 64, "height": 64, "steps": 1})
-    after = _wait_for_event(events, again, "generation_phase", current="completed")
+    _load(http)
+    _generate(http, prompt="barrier", steps=1)
+    after = wait_for_event(events, "generation_phase", again, current="completed")
     assert _names(after)[0] == "generation_phase"
     assert not [name for name in _names(after) if name.startswith("model_load")]
 
@@ -142,15 +118,12 @@ def _decode_preview(data: dict[str, Any]) -> Image.Image:
     return image
 
 
-def test_generation_events(server: Server, events: list[Event]) -> None:
-    loaded = server.http.post("/models/load", json={"model_id": EMBEDDED_MODEL_ID})
-    assert loaded.status_code == 200
-    start = len(events)
-    config = {"prompt": "a boat", "width": 64, "height": 64, "steps": 3, "number_of_images": 2}
-    body = _generate(server, config)
+def test_generation_events(http: httpx.Client, events: list[Event]) -> None:
+    start = _loaded(http, events)
+    body = _generate(http, steps=3, number_of_images=2)
     assert len(body["items"]) == 2
 
-    run = _wait_for_event(events, start, "generation_phase", current="completed")
+    run = wait_for_event(events, "generation_phase", start, current="completed")
     assert run[0] == (
         "generation_phase",
         {"phases": ["image_generation"], "current": "image_generation"},
@@ -169,15 +142,12 @@ def test_generation_events(server: Server, events: list[Event]) -> None:
     assert timesteps == sorted(timesteps, reverse=True)  # denoising runs down the schedule
 
 
-def test_generation_events_with_hires_fix(server: Server, events: list[Event]) -> None:
-    loaded = server.http.post("/models/load", json={"model_id": EMBEDDED_MODEL_ID})
-    assert loaded.status_code == 200
-    start = len(events)
+def test_generation_events_with_hires_fix(http: httpx.Client, events: list[Event]) -> None:
+    start = _loaded(http, events)
     hires = {"upscale_factor": 1.5, "upscaler": "Bicubic", "denoising_strength": 0.5, "steps": 2}
-    config = {"prompt": "a boat", "width": 64, "height": 64, "steps": 2, "hires_fix": hires}
-    _generate(server, config)
+    _generate(http, steps=2, hires_fix=hires)
 
-    run = _wait_for_event(events, start, "generation_phase", current="completed")
+    run = wait_for_event(events, "generation_phase", start, current="completed")
     phases = ["image_generation", "upscaling"]
     assert _names(run) == [
         "generation_phase",
@@ -194,36 +164,38 @@ def test_generation_events_with_hires_fix(server: Server, events: list[Event]) -
     assert all(data["phases"] == phases for name, data in run if name == "generation_phase")
 
 
-def test_long_polling_is_not_served(server: Server) -> None:
+def test_long_polling_is_not_served(http: httpx.Client) -> None:
     # The UI uses the websocket transport only; a polling handshake or an oversized polling
     # POST is answered at once, and its connection is released (a new request gets through).
-    handshake = server.http.get("/socket.io/", params={"EIO": "4", "transport": "polling"})
+    handshake = http.get("/socket.io/", params={"EIO": "4", "transport": "polling"})
     assert handshake.status_code == 400
-    big = server.http.post(
+    big = http.post(
         "/socket.io/",
         params={"EIO": "4", "transport": "polling", "sid": "x"},
         content=b"4" + b"x" * 2_000_000,
     )
     assert big.status_code == 400
-    assert server.http.get("/").status_code == 200
+    assert http.get("/").status_code == 200
 
 
-def test_an_oversized_websocket_message_closes_only_that_connection(server: Server) -> None:
-    client = socketio.Client(reconnection=False)
-    client.connect(server.url, transports=["websocket"], wait_timeout=TIMEOUT)
+def test_an_oversized_websocket_message_closes_only_that_connection(
+    server_url: str, http: httpx.Client
+) -> None:
+    client = socket_client()
+    connect(client, server_url)
     try:
         client.emit("anything", "x" * (SOCKET_MAX_MESSAGE_BYTES + 1))
         wait_until_sync(lambda: not client.connected, what="the oversized client dropped")
     finally:
         client.disconnect()
-    assert server.http.get("/").status_code == 200
+    assert http.get("/").status_code == 200
 
 
 def test_shutdown_completes_with_clients_connected(settings: Settings) -> None:
-    clients = [socketio.Client(reconnection=False) for _ in range(3)]
+    clients = [socket_client() for _ in range(3)]
     with live_server(settings) as url:  # on leaving: stopped, or the test fails
         for client in clients:
-            client.connect(url, transports=["websocket"], wait_timeout=TIMEOUT)
+            connect(client, url)
         assert all(client.connected for client in clients)
     for client in clients:
         client.disconnect()

@@ -7,13 +7,12 @@ from typing import Any
 
 import httpx
 import pytest
-import socketio
 import torch
 from fastapi import FastAPI
 
 from app.config import Settings
 from app.features.config.service import reported_device_index
-from app.main import create_app
+from tests.harness import running_app
 
 # These expectations describe a machine without CUDA or MPS, as the test machine is.
 cpu_only = pytest.mark.skipif(
@@ -96,9 +95,7 @@ async def test_invalid_device_index_is_a_validation_error(
     assert response.json()["detail"][0]["loc"] == ["body", "device_index"]
 
 
-async def test_settings_survive_a_restart(
-    client: httpx.AsyncClient, settings: Settings, app: FastAPI
-) -> None:
+async def test_settings_survive_a_restart(client: httpx.AsyncClient, settings: Settings) -> None:
     assert (await client.put("/config/device", json={"device_index": -1})).status_code == 200
     body = {"gpu_scale_factor": 0.3, "ram_scale_factor": 0.8}
     assert (await client.put("/config/max-memory", json=body)).status_code == 200
@@ -113,14 +110,9 @@ async def test_settings_survive_a_restart(
 
     # A second backend on the same cache folder (the first one still running is fine: the
     # config file is read on each request) sees the same settings.
-    second = create_app(settings)
-    async with second.router.lifespan_context(second):
+    async with running_app(settings) as (second, http):
         assert second.state.model_manager.safety_check_enabled is False
-        transport = httpx.ASGITransport(
-            app=socketio.ASGIApp(second.state.sio, other_asgi_app=second)
-        )
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
-            after = (await http.get("/config/")).json()
+        after = (await http.get("/config/")).json()
     assert _without_memory(after) == _without_memory(before)
     assert after["device_index"] == -1
     assert after["gpu_scale_factor"] == 0.3

@@ -1,18 +1,12 @@
-"""Fixtures for the hub routes: the fake Hub on loopback, settings pointing at it with quick
-retries, and the events the app broadcasts."""
+"""Fixtures for the hub routes: settings pointing at the fake Hub on loopback, with quick
+retries."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 import pytest
-from fastapi import FastAPI
 
 from app.config import Settings
 from tests.fake_remote import FakeRemote
-
-Event = tuple[str, dict[str, Any]]
 
 
 @pytest.fixture
@@ -25,12 +19,3 @@ def settings(settings: Settings, remote: FakeRemote) -> Settings:
             "lookup_timeout": 30.0,
         }
     )
-
-
-@pytest.fixture
-def events(app: FastAPI) -> Iterator[list[Event]]:
-    """Every event the app broadcasts during the test, in order."""
-    received: list[Event] = []
-    remove = app.state.events.add_listener(lambda name, data: received.append((name, data)))
-    yield received
-    remove()

@@ -15,11 +15,10 @@ import pytest
 from fastapi import FastAPI
 
 from app.config import EMBEDDED_MODEL_ID, Settings
-from tests.api import downloaded_models, image
-from tests.app.features.hub.conftest import Event
+from tests.api import Pixels, download_model, downloaded_models, image, load_model
 from tests.fake_hub import HubRepo
 from tests.fake_remote import FakeRemote, closed_port_url
-from tests.harness import SmallDisk, running_app, wait_until
+from tests.harness import Event, SmallDisk, running_app, wait_until
 
 REPO = "test-org/tiny-sd15"
 
@@ -39,21 +38,17 @@ def leftovers(settings: Settings) -> list[str]:
     return [p.name for p in settings.models_dir.iterdir() if p.name.startswith(".download-")]
 
 
-async def download(client: httpx.AsyncClient, model_id: str, **body: str) -> httpx.Response:
-    return await client.post("/downloads", json={"model_id": model_id, **body})
-
-
 async def test_a_download_fetches_only_the_pipeline_and_the_model_generates(
     client: httpx.AsyncClient,
     remote: FakeRemote,
     sd15_repo_dir: Path,
     settings: Settings,
-    events: list[Event],
+    emitted: list[Event],
 ) -> None:
     repo = remote.hub_repo(REPO, sd15_repo_dir)
     assert repo.decoys  # a root checkpoint, .bin twins, README: never to be fetched
 
-    response = await download(client, REPO)
+    response = await download_model(client, REPO)
 
     assert response.status_code == 200, response.text
     body = response.json()
@@ -68,7 +63,7 @@ async def test_a_download_fetches_only_the_pipeline_and_the_model_generates(
         assert (folder / name).read_bytes() == repo.files[name].served.data, name
     assert leftovers(settings) == []
     assert (await downloaded_models(client))[REPO] == str(folder)
-    _assert_progress(events, repo)
+    _assert_progress(emitted, repo)
 
     embedded = await _first_image(client, EMBEDDED_MODEL_ID)
     downloaded = await _first_image(client, REPO)
@@ -104,9 +99,8 @@ def _assert_progress(events: list[Event], repo: HubRepo) -> None:
     assert sorted(started) == sorted(expected_files)
 
 
-async def _first_image(client: httpx.AsyncClient, model_id: str) -> np.ndarray:
-    loaded = await client.post("/models/load", json={"model_id": model_id})
-    assert loaded.status_code == 200, loaded.text
+async def _first_image(client: httpx.AsyncClient, model_id: str) -> Pixels:
+    await load_model(client, model_id)
     return await image(client, seed=77)
 
 
@@ -114,7 +108,7 @@ async def test_the_sdxl_repo_downloads_loads_and_generates(
     client: httpx.AsyncClient, remote: FakeRemote, sdxl_repo_dir: Path
 ) -> None:
     repo = remote.hub_repo("test-org/tiny-sdxl", sdxl_repo_dir)
-    response = await download(client, "test-org/tiny-sdxl")
+    response = await download_model(client, "test-org/tiny-sdxl")
     assert response.status_code == 200, response.text
     assert set(repo.fetched_files()) == pipeline_files(repo)
     pixels = await _first_image(client, "test-org/tiny-sdxl")
@@ -128,7 +122,7 @@ async def test_a_dropped_connection_resumes_where_it_stopped(
     weights = "unet/diffusion_pytorch_model.safetensors"
     repo.configure(weights, drop_after=repo.files[weights].size // 2, chunk=4096)
 
-    response = await download(client, REPO)
+    response = await download_model(client, REPO)
 
     assert response.status_code == 200, response.text
     folder = settings.models_dir / "test-org--tiny-sd15"
@@ -149,9 +143,9 @@ async def test_a_second_request_joins_the_running_download(
     repo.configure("unet/config.json", hold=released)
     downloads = app.state.model_downloads
     try:
-        first = asyncio.create_task(download(client, REPO))
+        first = asyncio.create_task(download_model(client, REPO))
         await wait_until(lambda: "unet/config.json" in repo.fetched_files(), what="held file")
-        second = asyncio.create_task(download(client, REPO))
+        second = asyncio.create_task(download_model(client, REPO))
         await wait_until(lambda: downloads.waiting(REPO) == 2, what="the second request")
     finally:
         released.set()
@@ -171,13 +165,13 @@ async def test_cancel_stops_the_download_and_leaves_nothing(
     remote: FakeRemote,
     sd15_repo_dir: Path,
     settings: Settings,
-    events: list[Event],
+    emitted: list[Event],
 ) -> None:
     repo = remote.hub_repo(REPO, sd15_repo_dir)
     released = threading.Event()
     repo.configure("unet/config.json", hold=released)
     try:
-        running = asyncio.create_task(download(client, REPO))
+        running = asyncio.create_task(download_model(client, REPO))
         await wait_until(lambda: "unet/config.json" in repo.fetched_files(), what="the held file")
         assert leftovers(settings) != []
 
@@ -192,7 +186,7 @@ async def test_cancel_stops_the_download_and_leaves_nothing(
     assert leftovers(settings) == []
     assert not (settings.models_dir / "test-org--tiny-sd15").exists()
     assert REPO not in await downloaded_models(client)
-    assert ("download_cancelled", {"model_id": REPO}) in events
+    assert ("download_cancelled", {"model_id": REPO}) in emitted
     nothing = await client.delete(f"/downloads/{REPO}")
     assert nothing.status_code == 404
 
@@ -214,7 +208,7 @@ async def test_unknown_and_gated_repositories_are_refused(
     says: str,
 ) -> None:
     remote.hub_repo("test-org/gated-model", sd15_repo_dir, gated_token="hf_secret")
-    response = await download(client, model_id)
+    response = await download_model(client, model_id)
     assert response.status_code == status, response.text
     assert says in response.json()["detail"]
     assert leftovers(settings) == []
@@ -225,9 +219,9 @@ async def test_a_gated_repository_downloads_with_its_token(
     client: httpx.AsyncClient, remote: FakeRemote, sd15_repo_dir: Path
 ) -> None:
     remote.hub_repo("test-org/gated-model", sd15_repo_dir, gated_token="hf_secret")
-    response = await download(client, "test-org/gated-model", hf_token="hf_secret")
+    response = await download_model(client, "test-org/gated-model", hf_token="hf_secret")
     assert response.status_code == 200, response.text
-    wrong = await download(client, "test-org/other", hf_token="bad token with spaces")
+    wrong = await download_model(client, "test-org/other", hf_token="bad token with spaces")
     assert wrong.status_code == 400
 
 
@@ -241,7 +235,7 @@ async def test_a_repository_with_only_pickle_weights_is_refused(
     (pickled / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04pickle")
     remote.hub_repo("test-org/pickled", pickled, decoys=False)
 
-    response = await download(client, "test-org/pickled")
+    response = await download_model(client, "test-org/pickled")
 
     assert response.status_code == 400
     assert "only pickle weights for its unet" in response.json()["detail"]
@@ -250,7 +244,7 @@ async def test_a_repository_with_only_pickle_weights_is_refused(
 async def test_a_network_failure_is_a_502(settings: Settings) -> None:
     offline = settings.model_copy(update={"huggingface_base_url": closed_port_url("")})
     async with running_app(offline) as (_app, client):
-        response = await download(client, REPO)
+        response = await download_model(client, REPO)
         assert response.status_code == 502
         assert "Could not connect" in response.json()["detail"]
         assert leftovers(offline) == []
@@ -265,7 +259,7 @@ async def test_too_little_disk_space_is_a_507_with_the_sizes(
     remote.hub_repo(REPO, sd15_repo_dir)
     hub = settings.model_copy(update={"huggingface_base_url": remote.url("/hub")})
     async with running_app(hub) as (_app, client):
-        response = await download(client, REPO)
+        response = await download_model(client, REPO)
         assert response.status_code == 507, response.text
         detail = response.json()["detail"]
         assert detail.startswith(f"Not enough disk space for {REPO}: its files take ")
@@ -282,7 +276,7 @@ async def test_a_disk_that_fills_during_the_download_is_a_507(
     hub = settings.model_copy(update={"huggingface_base_url": remote.url("/hub")})
     async with running_app(hub) as (_app, client):
         disk.fill()
-        response = await download(client, REPO)
+        response = await download_model(client, REPO)
         disk.free()
         assert response.status_code == 507, response.text
         assert response.json()["detail"].startswith("The disk is full")
@@ -294,8 +288,8 @@ async def test_a_downloaded_model_is_deleted_with_its_folder(
     client: httpx.AsyncClient, remote: FakeRemote, sd15_repo_dir: Path, settings: Settings
 ) -> None:
     remote.hub_repo(REPO, sd15_repo_dir)
-    assert (await download(client, REPO)).status_code == 200
-    again = await download(client, REPO)  # already here: no second transfer
+    assert (await download_model(client, REPO)).status_code == 200
+    again = await download_model(client, REPO)  # already here: no second transfer
     assert again.json()["message"] == f"Model {REPO} is already here."
 
     deleted = await client.delete("/models", params={"model_id": REPO})

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from huggingface_hub import constants
 
-from tests.api import downloaded_models
+from tests.api import downloaded_models, load_model, post_load
 
 REPO = "test-org/cached-sd15"
 COMMIT = "a" * 40
@@ -35,9 +35,8 @@ async def test_a_cached_model_is_listed_once_loaded_and_its_delete_keeps_the_cac
 ) -> None:
     assert REPO not in await downloaded_models(client)
 
-    loaded = await client.post("/models/load", json={"model_id": REPO})
+    await load_model(client, REPO)
 
-    assert loaded.status_code == 200, loaded.text
     assert (await downloaded_models(client))[REPO] == str(hub_cache)
 
     assert (await client.post("/models/unload")).status_code == 200
@@ -50,6 +49,6 @@ async def test_a_cached_model_is_listed_once_loaded_and_its_delete_keeps_the_cac
 async def test_a_model_neither_here_nor_cached_is_a_404(
     client: httpx.AsyncClient, hub_cache: Path
 ) -> None:
-    response = await client.post("/models/load", json={"model_id": "test-org/elsewhere"})
+    response = await post_load(client, "test-org/elsewhere")
     assert response.status_code == 404
     assert "test-org/elsewhere" not in await downloaded_models(client)
