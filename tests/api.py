@@ -62,7 +62,7 @@ async def download_model(client: httpx.AsyncClient, model_id: str, **body: str) 
 # Generation
 
 
-def config_with(loras: list[JSON] | None = None, **overrides: Any) -> JSON:
+def config_with(loras: list[JSON] | None = None, /, **overrides: Any) -> JSON:
     """``BASE_CONFIG`` changed by ``overrides``, with these LoRAs (none by default)."""
     return {**BASE_CONFIG, **overrides, "loras": loras or []}
 
@@ -92,7 +92,7 @@ async def post_generate(
 
 
 async def generate(
-    client: httpx.AsyncClient, loras: list[JSON] | None = None, **overrides: Any
+    client: httpx.AsyncClient, loras: list[JSON] | None = None, /, **overrides: Any
 ) -> httpx.Response:
     """Generate with ``BASE_CONFIG`` changed by ``overrides``."""
     return await post_generate(client, config_with(loras, **overrides))
@@ -127,7 +127,7 @@ async def pixels(client: httpx.AsyncClient, response: httpx.Response) -> list[Pi
 
 
 async def image(
-    client: httpx.AsyncClient, loras: list[JSON] | None = None, **overrides: Any
+    client: httpx.AsyncClient, loras: list[JSON] | None = None, /, **overrides: Any
 ) -> Pixels:
     """The first image of a generation with ``BASE_CONFIG`` changed by ``overrides``."""
     return (await pixels(client, await generate(client, loras, **overrides)))[0]

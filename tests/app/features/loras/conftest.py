@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -88,7 +89,7 @@ def user_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def pipeline(tiny_pipeline: StableDiffusionPipeline) -> Iterator[StableDiffusionPipeline]:
+def pipeline(tiny_pipeline: Any) -> Iterator[Any]:
     """The shared tiny pipeline, with every LoRA unloaded after the test."""
     yield tiny_pipeline
     tiny_pipeline.unload_lora_weights()

@@ -8,6 +8,7 @@ import struct
 import threading
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -32,8 +33,8 @@ from tests.factories.lora_files import (
 
 
 def _entry(
-    dtype: str = "F32", shape: list[int] | None = None, begin: int = 0, end: int = 8
-) -> dict:
+    dtype: str = "F32", shape: list[Any] | None = None, begin: int = 0, end: int = 8
+) -> dict[str, Any]:
     return {"dtype": dtype, "shape": [2] if shape is None else shape, "data_offsets": [begin, end]}
 
 

@@ -120,7 +120,7 @@ async def test_readable_errors(
     remote.serve(
         "/page.safetensors", b"<!doctype html><title>Log in</title>", content_type="text/html"
     )
-    body: dict[str, Any] = {
+    bodies: dict[str, dict[str, Any]] = {
         "hf-404": {"huggingface": {"repo_id": "someone/repo", "filename": "missing.safetensors"}},
         "hf-401": {"huggingface": {"repo_id": gated, "filename": "g.safetensors"}},
         "hf-403": {"huggingface": {"repo_id": gated, "filename": "g.safetensors"}, "token": "x"},
@@ -130,7 +130,8 @@ async def test_readable_errors(
         "checkpoint": {"civitai": {"model_version_id": 5}},
         "pickle-file": {"url": remote.url("/model.safetensors")},
         "html-page": {"url": remote.url("/page.safetensors")},
-    }[case]
+    }
+    body = bodies[case]
     await assert_failed(client, settings, body, *fragments)
 
 
