@@ -30,6 +30,7 @@ from tests.factories.lora_files import (
     write_truncated,
     write_truncated_header,
 )
+from tests.harness import WAIT_TIMEOUT
 
 
 def _entry(
@@ -331,7 +332,7 @@ def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
 
     worker = threading.Thread(target=attempt, daemon=True)
     worker.start()
-    worker.join(timeout=5)
+    worker.join(timeout=WAIT_TIMEOUT)  # a bound for a hang, not a speed target
     if worker.is_alive():
         # Unblock the stuck reader so the test process can exit, then fail.
         os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
