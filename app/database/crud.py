@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.database.models import DownloadedModel, GeneratedImage, History, LoRA
+from app.database.models import (
+    DownloadedModel,
+    GeneratedImage,
+    History,
+    LoRA,
+    LoRAFacts,
+    LoRASource,
+)
 
 # --- models -----------------------------------------------------------------------------
 
@@ -93,28 +100,14 @@ async def list_loras(session: AsyncSession) -> Sequence[LoRA]:
     return result.all()
 
 
-async def list_loras_by_fit(
-    session: AsyncSession, family: str, *, fits: bool, unknown: str = "unknown"
-) -> Sequence[LoRA]:
-    """LoRAs not known to be made for another family than ``family`` (``fits=True``: same
-    family, unknown, or not yet inspected), or those known to be (``fits=False``)."""
-    same_or_unknown = or_(
-        LoRA.base_model.is_(None), LoRA.base_model == unknown, LoRA.base_model == family
-    )
-    condition = same_or_unknown if fits else ~same_or_unknown
-    result = await session.scalars(select(LoRA).where(condition).order_by(LoRA.id))
+async def loras_without_facts(session: AsyncSession) -> Sequence[LoRA]:
+    """Rows added before LoRAs were described (migration 0003)."""
+    result = await session.scalars(select(LoRA).where(LoRA.facts.is_(None)).order_by(LoRA.id))
     return result.all()
 
 
-async def loras_without_details(session: AsyncSession) -> Sequence[LoRA]:
-    """Rows added before their details were stored (migration 0003)."""
-    result = await session.scalars(select(LoRA).where(LoRA.format.is_(None)).order_by(LoRA.id))
-    return result.all()
-
-
-async def set_lora_details(session: AsyncSession, row: LoRA, details: Mapping[str, Any]) -> None:
-    for column, value in details.items():
-        setattr(row, column, value)
+async def set_lora_facts(session: AsyncSession, row: LoRA, facts: LoRAFacts) -> None:
+    row.facts = facts
     await session.flush()
 
 
@@ -144,25 +137,35 @@ async def create_lora(
     file_size: int,
     sha256: str,
     source_path: str | None,
-    details: Mapping[str, Any] | None = None,
+    facts: LoRAFacts,
+    source: LoRASource | None,
 ) -> LoRA | None:
     """Add a LoRA row, or nothing (None) when its name or sha256 is taken.
 
     ``INSERT ... ON CONFLICT DO NOTHING`` instead of an ORM flush: a lost race on a unique
     column must not fail the request's transaction (a failed flush can only be rolled back,
     and only the request's owner ends its transaction). The statement takes SQLite's write
-    lock, so whatever the caller reads afterwards in this transaction is current.
-    ``details``: the extra columns by name (``LoRADetails.columns()``, ``source_url``...).
+    lock, so whatever the caller reads afterwards in this transaction is current. (Not a
+    savepoint either: with the driver's default transaction handling a SAVEPOINT taken before
+    the transaction's first write begins SQLite's transaction itself, and its RELEASE then
+    commits everything.)
     """
-    values = {
-        "name": name,
-        "file_path": file_path,
-        "file_size": file_size,
-        "sha256": sha256,
-        "source_path": source_path,
-        **dict(details or {}),
-    }
-    statement = sqlite_insert(LoRA).values(values).on_conflict_do_nothing().returning(LoRA.id)
+    statement = (
+        sqlite_insert(LoRA)
+        .values(
+            {
+                LoRA.name: name,
+                LoRA.file_path: file_path,
+                LoRA.file_size: file_size,
+                LoRA.sha256: sha256,
+                LoRA.source_path: source_path,
+                LoRA.facts: facts,
+                LoRA.source: source,
+            }
+        )
+        .on_conflict_do_nothing()
+        .returning(LoRA.id)
+    )
     new_id = (await session.execute(statement)).scalar_one_or_none()
     return None if new_id is None else await session.get(LoRA, new_id)
 

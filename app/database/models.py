@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import JSON, DateTime, Dialect, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
 
 
 def utc_now() -> datetime:
@@ -68,6 +70,93 @@ class GeneratedImage(Base, TimestampMixin):
     history: Mapped[History] = relationship(back_populates="generated_images")
 
 
+class LoRAFacts(BaseModel):
+    """What a LoRA file is, for the people choosing one: extracted once from the stored copy
+    (``app.features.loras.metadata.describe_lora``), kept whole in ``loras.facts`` and shown
+    as is by the API (``LoRAInfo``). The defaults say "not known"."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format: str | None = Field(
+        default=None, description="Key format: kohya, peft or diffusers_legacy."
+    )
+    components: tuple[str, ...] = Field(
+        default_factory=tuple,
+        description="Model parts it changes: unet, text_encoder, text_encoder_2, transformer.",
+    )
+    network_type: str | None = Field(default=None, description="lora, locon or dora.")
+    rank: int | None = Field(default=None, description="The most common layer rank.")
+    rank_max: int | None = Field(default=None, description="The largest layer rank.")
+    alpha: float | None = Field(
+        default=None, description="The alpha stored in the file (most common); None: = rank."
+    )
+    base_model: str = Field(
+        default="unknown",
+        description="Family it was made for, from its shapes: sd1, sd2, sdxl, sd3, flux, tiny "
+        "(the embedded test model) or unknown.",
+    )
+    base_model_evidence: str | None = Field(
+        default=None, description="Why base_model was chosen (layer widths, block names)."
+    )
+    base_model_metadata: str | None = Field(
+        default=None, description="The family the file's metadata names, if it names one."
+    )
+    base_model_metadata_source: str | None = Field(
+        default=None, description="The metadata field and value that named it."
+    )
+    base_model_conflict: bool = Field(
+        default=False, description="The metadata names another family than the shapes show."
+    )
+    base_model_note: str | None = Field(default=None, description="Says so in a sentence.")
+    trigger_words: tuple[str, ...] = Field(default_factory=tuple)
+    title: str | None = None
+    description: str | None = None
+    author: str | None = None
+    metadata: dict[str, str] = Field(
+        default_factory=dict,
+        description="The file's __metadata__, cleaned; each value at most 4096 characters, "
+        "64 KiB in all.",
+    )
+    metadata_truncated: bool = False
+    tensor_sha256: str | None = Field(
+        default=None, description="sha256 of the tensor data without the header."
+    )
+
+
+class LoRASource(BaseModel):
+    """Where a downloaded LoRA came from (``loras.source``; none for an upload)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source_url: str | None = Field(
+        default=None, description="Where it was downloaded from (no token); null for uploads."
+    )
+    civitai: dict[str, Any] | None = Field(
+        default=None,
+        description="CivitAI's model-version data (ids, names, baseModel, trainedWords, hashes).",
+    )
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class PydanticJSON(TypeDecorator[M]):
+    """A pydantic model stored as JSON, validated into the model on load; None is SQL NULL."""
+
+    impl = JSON(none_as_null=True)
+    cache_ok = True
+
+    def __init__(self, model: type[M]) -> None:
+        super().__init__()
+        self.model = model
+
+    def process_bind_param(self, value: M | None, dialect: Dialect) -> Any:
+        return None if value is None else value.model_dump(mode="json")
+
+    def process_result_value(self, value: Any | None, dialect: Dialect) -> M | None:
+        return None if value is None else self.model.model_validate(value)
+
+
 class LoRA(Base, TimestampMixin):
     """A LoRA file copied into ``<cache>/loras``; the user's original is never touched."""
 
@@ -81,28 +170,7 @@ class LoRA(Base, TimestampMixin):
     file_size: Mapped[int] = mapped_column(Integer, nullable=False)
     sha256: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
     source_path: Mapped[str | None] = mapped_column(Text, nullable=True)
-    # What the file is (migration 0003; see app.features.loras.metadata). All nullable: rows
-    # added before 0003 get them filled in at the next start.
-    format: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    components: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
-    network_type: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    rank: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    rank_max: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    alpha: Mapped[float | None] = mapped_column(Float, nullable=True)
-    base_model: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    base_model_evidence: Mapped[str | None] = mapped_column(Text, nullable=True)
-    base_model_metadata: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    base_model_metadata_source: Mapped[str | None] = mapped_column(Text, nullable=True)
-    base_model_conflict: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
-    base_model_note: Mapped[str | None] = mapped_column(Text, nullable=True)
-    trigger_words: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
-    title: Mapped[str | None] = mapped_column(Text, nullable=True)
-    description: Mapped[str | None] = mapped_column(Text, nullable=True)
-    author: Mapped[str | None] = mapped_column(Text, nullable=True)
-    raw_metadata: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
-    metadata_truncated: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
-    tensor_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    # Where a downloaded LoRA came from (migration 0004): the URL (never a token), and for
-    # CivitAI the model-version data (ids, names, baseModel, trainedWords, file hashes).
-    source_url: Mapped[str | None] = mapped_column(Text, nullable=True)
-    civitai: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # Migration 0005. NULL facts: a row added before LoRAs were described (migration 0003),
+    # described at the next start. NULL source: an upload.
+    facts: Mapped[LoRAFacts | None] = mapped_column(PydanticJSON(LoRAFacts), nullable=True)
+    source: Mapped[LoRASource | None] = mapped_column(PydanticJSON(LoRASource), nullable=True)

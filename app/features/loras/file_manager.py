@@ -19,14 +19,15 @@ import shutil
 import stat
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.database.models import LoRAFacts
 from app.exceptions import BadRequestError
 from app.features.loras.hashes import PayloadHasher, tensor_sha256_of
 from app.features.loras.lora_inspector import InvalidLoRAError, LoRAInspection, inspect_lora_header
-from app.features.loras.metadata import LoRADetails, describe_lora
+from app.features.loras.metadata import describe_lora
 from app.features.loras.safetensors_file import SafetensorsError, SafetensorsHeader, read_header
 from app.services.disk_space import disk_full_error, is_disk_full
 from app.validation import control_character_in
@@ -53,7 +54,7 @@ class StagedLoRA:
     sha256: str
     size: int
     inspection: LoRAInspection
-    details: LoRADetails
+    facts: LoRAFacts
 
 
 def _mb(size: int) -> str:
@@ -190,15 +191,24 @@ def stage_copy(source: Path, loras_dir: Path, max_size: int) -> StagedLoRA:
 
 
 def validate_staged(
-    temp_path: Path, display: str, sha256: str, tensor_sha256: str | None, size: int
+    temp_path: Path,
+    display: str,
+    sha256: str,
+    tensor_sha256: str | None,
+    size: int,
+    *,
+    trained_words: Sequence[str] = (),
 ) -> StagedLoRA:
     """Validate and describe a complete temporary file in the LoRA folder (a copy or a
-    download, hashed while written); messages name ``display``. Removed when refused."""
+    download, hashed while written); messages name ``display``. Removed when refused.
+    ``trained_words``: the source's trigger words, for a file that names none."""
     try:
         if size == 0:
             raise LoRAFileError(f"File is empty: '{display}'")
         header, inspection = _validate_copy(temp_path, display)
-        details = describe_lora(temp_path, header, inspection, tensor_sha256)
+        facts = describe_lora(
+            temp_path, header, inspection, tensor_sha256, trained_words=trained_words
+        )
     except OSError as error:
         temp_path.unlink(missing_ok=True)
         raise LoRAFileError(f"Could not read '{display}': {error.strerror}") from None
@@ -206,12 +216,12 @@ def validate_staged(
         temp_path.unlink(missing_ok=True)
         raise
     return StagedLoRA(
-        temp_path=temp_path, sha256=sha256, size=size, inspection=inspection, details=details
+        temp_path=temp_path, sha256=sha256, size=size, inspection=inspection, facts=facts
     )
 
 
-def describe_stored(path: Path) -> LoRADetails | None:
-    """Details for a stored copy that has none yet (added before they were kept); None when
+def describe_stored(path: Path) -> LoRAFacts | None:
+    """Facts for a stored copy that has none yet (added before they were kept); None when
     the file is gone or no longer passes validation."""
     try:
         header = read_header(path)

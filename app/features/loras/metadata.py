@@ -22,6 +22,8 @@ Fields and where they come from:
   tags of ``ss_tag_frequency`` (``{dataset: {tag: count}}``, counts summed over datasets).
   ``ss_output_name`` is the training run's file name, not a trigger.
 * ``title``/``description``/``author``: ``modelspec.*``, else ``ssmd_*``.
+
+The result is a :class:`~app.database.models.LoRAFacts`, stored whole and shown as is.
 """
 
 from __future__ import annotations
@@ -32,12 +34,11 @@ import os
 import re
 import struct
 from collections import Counter
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from app.cores.model_manager.model_family import ModelFamily
+from app.database.models import LoRAFacts
 from app.features.loras.base_model import base_model_of, conflict_note
 from app.features.loras.lora_inspector import LoRAInspection
 from app.features.loras.safetensors_file import SafetensorsHeader
@@ -76,34 +77,6 @@ _DESCRIPTION_KEYS = ("modelspec.description", "ssmd_description")
 _AUTHOR_KEYS = ("modelspec.author", "ssmd_author")
 _MMDIT_FAMILIES = frozenset({ModelFamily.SD3, ModelFamily.FLUX})
 _SCALAR_FORMATS = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h"}
-
-
-@dataclass(frozen=True)
-class LoRADetails:
-    """What the ``loras`` table stores about a LoRA besides its file (one column each)."""
-
-    format: str
-    components: list[str]
-    network_type: str
-    rank: int | None
-    rank_max: int | None
-    alpha: float | None
-    base_model: str
-    base_model_evidence: str
-    base_model_metadata: str | None
-    base_model_metadata_source: str | None
-    base_model_conflict: bool
-    base_model_note: str | None
-    trigger_words: list[str]
-    title: str | None
-    description: str | None
-    author: str | None
-    raw_metadata: dict[str, str]
-    metadata_truncated: bool
-    tensor_sha256: str | None
-
-    def columns(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def clean_text(value: str, limit: int) -> tuple[str, bool]:
@@ -286,8 +259,12 @@ def describe_lora(
     header: SafetensorsHeader,
     inspection: LoRAInspection,
     tensor_sha256: str | None,
-) -> LoRADetails:
-    """Everything the UI shows about a validated LoRA file; never raises for bad metadata."""
+    *,
+    trained_words: Sequence[str] = (),
+) -> LoRAFacts:
+    """Everything the UI shows about a validated LoRA file; never raises for bad metadata.
+    ``trained_words``: the trigger words its source names (CivitAI), used when the file
+    names none."""
     metadata = header.metadata
     base = base_model_of(header)
     components = list(inspection.components)
@@ -296,9 +273,9 @@ def describe_lora(
     rank, rank_max = _rank(inspection)
     raw, truncated = bounded_metadata(metadata)
     claim = base.claim
-    return LoRADetails(
+    return LoRAFacts(
         format=inspection.format.value,
-        components=components,
+        components=tuple(components),
         network_type=inspection.network_type,
         rank=rank,
         rank_max=rank_max,
@@ -313,11 +290,11 @@ def describe_lora(
         base_model_note=clean_text(note, MAX_VALUE_CHARS)[0]
         if (note := conflict_note(base))
         else None,
-        trigger_words=trigger_words(metadata),
+        trigger_words=tuple(trigger_words(metadata) or trained_words[: MAX_TRIGGER_WORDS * 2]),
         title=_first_text(metadata, _TITLE_KEYS, MAX_TITLE_CHARS),
         description=_first_text(metadata, _DESCRIPTION_KEYS, MAX_VALUE_CHARS),
         author=_first_text(metadata, _AUTHOR_KEYS, MAX_TITLE_CHARS),
-        raw_metadata=raw,
+        metadata=raw,
         metadata_truncated=truncated,
         tensor_sha256=tensor_sha256,
     )

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
+from app.cores.model_manager.model_family import ModelFamily, is_compatible
+from app.database.models import LoRA, LoRAFacts, LoRASource
+from app.features.loras.hashes import autov2, autov3
 from app.validation import DatabaseId, Number
 
 MAX_LORAS_PER_GENERATION = 5
@@ -33,9 +37,9 @@ class LoRAConfigItem(BaseModel):
         return data
 
 
-class LoRAInfo(BaseModel):
-    """A LoRA as the UI lists it. Fields after ``file_missing`` describe the file (extracted
-    at upload; None/empty for what the file does not say)."""
+class LoRAEntry(BaseModel):
+    """A LoRA's own row and what follows from it: the part of ``LoRAInfo`` that is neither
+    the file's facts nor its source."""
 
     id: int
     name: str
@@ -45,68 +49,58 @@ class LoRAInfo(BaseModel):
     file_missing: bool = Field(description="The stored copy is gone; the LoRA cannot be used.")
     created_at: datetime
     updated_at: datetime
-
-    format: str | None = Field(
-        default=None, description="Key format: kohya, peft or diffusers_legacy."
-    )
-    components: list[str] = Field(
-        default_factory=list,
-        description="Model parts it changes: unet, text_encoder, text_encoder_2, transformer.",
-    )
-    network_type: str | None = Field(default=None, description="lora, locon or dora.")
-    rank: int | None = Field(default=None, description="The most common layer rank.")
-    rank_max: int | None = Field(default=None, description="The largest layer rank.")
-    alpha: float | None = Field(
-        default=None, description="The alpha stored in the file (most common); None: = rank."
-    )
-    base_model: str = Field(
-        default="unknown",
-        description="Family it was made for, from its shapes: sd1, sd2, sdxl, sd3, flux, tiny "
-        "(the embedded test model) or unknown.",
-    )
-    base_model_evidence: str | None = Field(
-        default=None, description="Why base_model was chosen (layer widths, block names)."
-    )
-    base_model_metadata: str | None = Field(
-        default=None, description="The family the file's metadata names, if it names one."
-    )
-    base_model_metadata_source: str | None = Field(
-        default=None, description="The metadata field and value that named it."
-    )
-    base_model_conflict: bool = Field(
-        default=False, description="The metadata names another family than the shapes show."
-    )
-    base_model_note: str | None = Field(default=None, description="Says so in a sentence.")
     compatible: bool | None = Field(
         default=None,
         description="Fits the loaded model's family; null when no model is loaded or either "
         "family is unknown.",
     )
-    trigger_words: list[str] = Field(default_factory=list)
-    title: str | None = None
-    description: str | None = None
-    author: str | None = None
-    metadata: dict[str, str] = Field(
-        default_factory=dict,
-        description="The file's __metadata__, cleaned; each value at most 4096 characters, "
-        "64 KiB in all.",
-    )
-    metadata_truncated: bool = False
-    source_url: str | None = Field(
-        default=None, description="Where it was downloaded from (no token); null for uploads."
-    )
-    civitai: dict[str, Any] | None = Field(
-        default=None,
-        description="CivitAI's model-version data (ids, names, baseModel, trainedWords, hashes).",
-    )
     autov2: str = Field(description="First 10 hex digits of sha256 (CivitAI AutoV2).")
-    tensor_sha256: str | None = Field(
-        default=None, description="sha256 of the tensor data without the header."
-    )
     autov3: str | None = Field(
         default=None,
         description="First 12 hex digits of tensor_sha256: CivitAI AutoV3, A1111 Lora hashes.",
     )
+
+
+class LoRAInfo(LoRASource, LoRAFacts, LoRAEntry):
+    """A LoRA as the UI lists it: its row, the facts extracted from the file at upload
+    (None/empty for what the file does not say, and for a row not described yet) and where
+    a download came from (null for uploads)."""
+
+    @classmethod
+    def of(cls, row: LoRA, loaded_family: ModelFamily | None) -> LoRAInfo:
+        """The API view of a row; ``compatible`` against the family of the model loaded now.
+        Looks for the file on disk: off the event loop for many rows."""
+        facts = row.facts or LoRAFacts()
+        entry = LoRAEntry(
+            id=row.id,
+            name=row.name,
+            file_path=row.file_path,
+            file_size=row.file_size,
+            sha256=row.sha256,
+            file_missing=not Path(row.file_path).is_file(),
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            compatible=is_compatible(facts.base_model, loaded_family),
+            autov2=autov2(row.sha256),
+            autov3=autov3(facts.tensor_sha256),
+        )
+        return cls.model_validate(
+            _Parts(entry, facts, row.source or LoRASource()), from_attributes=True
+        )
+
+
+class _Parts:
+    """The fields of several models as the attributes of one object (what ``LoRAInfo``
+    reads ``from_attributes``): each part's own fields, none shared (tested)."""
+
+    def __init__(self, *parts: BaseModel) -> None:
+        self._parts = parts
+
+    def __getattr__(self, name: str) -> Any:
+        for part in self._parts:
+            if name in type(part).model_fields:
+                return getattr(part, name)
+        raise AttributeError(name)
 
 
 class LoRAListResponse(BaseModel):

@@ -4,25 +4,22 @@ with downloads, list, get, delete, start-up repair; which LoRAs fit the loaded m
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import anyio.to_thread
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
 from app.cores.lora_engine import LoRARequest
-from app.cores.model_manager.model_family import ModelFamily
+from app.cores.model_manager.model_family import ModelFamily, is_compatible
 from app.cores.model_manager.model_manager import ModelManager
 from app.database import crud, hooks
-from app.database.models import LoRA
+from app.database.models import LoRA, LoRASource
 from app.exceptions import BadRequestError, ConflictError, NotFoundError
 from app.features.loras import file_manager
-from app.features.loras.base_model import is_compatible
-from app.features.loras.hashes import autov2, autov3
 from app.features.loras.metadata import clean_text
 from app.features.loras.schemas import LoRAConfigItem, LoRAInfo
 from app.services.storage import Storage
@@ -34,40 +31,7 @@ _CREATE_ATTEMPTS = 3
 
 def to_info(row: LoRA, loaded_family: ModelFamily | None) -> LoRAInfo:
     """The API view of a row; ``compatible`` against the family of the model loaded now."""
-    return LoRAInfo(
-        id=row.id,
-        name=row.name,
-        file_path=row.file_path,
-        file_size=row.file_size,
-        sha256=row.sha256,
-        file_missing=not Path(row.file_path).is_file(),
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        format=row.format,
-        components=row.components or [],
-        network_type=row.network_type,
-        rank=row.rank,
-        rank_max=row.rank_max,
-        alpha=row.alpha,
-        base_model=row.base_model or ModelFamily.UNKNOWN.value,
-        base_model_evidence=row.base_model_evidence,
-        base_model_metadata=row.base_model_metadata,
-        base_model_metadata_source=row.base_model_metadata_source,
-        base_model_conflict=bool(row.base_model_conflict),
-        base_model_note=row.base_model_note,
-        compatible=is_compatible(row.base_model, loaded_family),
-        trigger_words=row.trigger_words or [],
-        title=row.title,
-        description=row.description,
-        author=row.author,
-        metadata=row.raw_metadata or {},
-        metadata_truncated=bool(row.metadata_truncated),
-        autov2=autov2(row.sha256),
-        tensor_sha256=row.tensor_sha256,
-        autov3=autov3(row.tensor_sha256),
-        source_url=row.source_url,
-        civitai=row.civitai,
-    )
+    return LoRAInfo.of(row, loaded_family)
 
 
 async def _to_infos(rows: Sequence[LoRA], loaded_family: ModelFamily | None) -> list[LoRAInfo]:
@@ -103,11 +67,12 @@ class Origin:
 
     name: str
     file_stem: str
-    source: str
+    location: str
     """The user's path or the URL, for the log."""
     source_path: str | None = None
-    columns: Mapping[str, Any] = field(default_factory=dict)
-    """Further columns (``source_url``, ``civitai``, overrides of the file's details)."""
+    """An upload's path on the user's machine."""
+    source: LoRASource | None = None
+    """Where a download came from."""
 
 
 async def upload_lora(
@@ -124,7 +89,7 @@ async def upload_lora(
     origin = Origin(
         name=source.stem,
         file_stem=file_manager.safe_stem(source.name),
-        source=str(source),
+        location=str(source),
         source_path=str(source),
     )
     return await ingest(session, storage, models, staged, origin)
@@ -153,19 +118,19 @@ async def ingest(
     # From here the copy lives or dies with the row: removed if the transaction fails.
     hooks.after_rollback(session, partial(file_manager.discard, stored))
     row = await _create_row(session, origin, str(stored.resolve()), staged)
-    details = staged.details
+    facts = staged.facts
     logger.info(
         "Added LoRA '%s' (id %d, %s %s, %s, for %s) from %s",
         row.name,
         row.id,
-        details.format,
-        details.network_type,
-        "+".join(details.components),
-        details.base_model,
-        origin.source,
+        facts.format,
+        facts.network_type,
+        "+".join(facts.components),
+        facts.base_model,
+        origin.location,
     )
-    if details.base_model_note:
-        logger.info("LoRA '%s': %s", row.name, details.base_model_note)
+    if facts.base_model_note:
+        logger.info("LoRA '%s': %s", row.name, facts.base_model_note)
     return to_info(row, models.loaded_family)
 
 
@@ -186,7 +151,8 @@ async def _create_row(
             file_size=staged.size,
             sha256=staged.sha256,
             source_path=origin.source_path,
-            details={**staged.details.columns(), **origin.columns},
+            facts=staged.facts,
+            source=origin.source,
         )
         if row is not None:
             return row
@@ -194,6 +160,11 @@ async def _create_row(
         if raced is not None:  # a concurrent request committed the same content first
             raise ConflictError(duplicate_message(raced))
     raise RuntimeError(f"no free display name for LoRA '{origin.name}'")
+
+
+def base_model_of(row: LoRA) -> str | None:
+    """The family the LoRA was made for (``ModelFamily`` value); None before it is described."""
+    return row.facts.base_model if row.facts is not None else None
 
 
 async def list_loras(
@@ -204,12 +175,17 @@ async def list_loras(
     fit, and the size check at generation decides), ``False`` keeps only those. With no
     model loaded, or one of unknown family, nothing is known to be incompatible."""
     family = models.loaded_family
-    if compatible_with_loaded is None:
-        rows = await crud.list_loras(session)
-    elif family is None or not family.known:
-        rows = await crud.list_loras(session) if compatible_with_loaded else []
-    else:
-        rows = await crud.list_loras_by_fit(session, family.value, fits=compatible_with_loaded)
+    rows: Sequence[LoRA] = await crud.list_loras(session)
+    if compatible_with_loaded is not None:
+        if family is None or not family.known:
+            rows = rows if compatible_with_loaded else []
+        else:
+            rows = [
+                row
+                for row in rows
+                if (is_compatible(base_model_of(row), family) is not False)
+                == compatible_with_loaded
+            ]
     return await _to_infos(rows, family)
 
 
@@ -248,8 +224,8 @@ async def select_loras(session: AsyncSession, items: Sequence[LoRAConfigItem]) -
                 path=Path(row.file_path),
                 content_key=row.sha256,
                 weight=item.weight,
-                base_model=row.base_model,
-                tensor_sha256=row.tensor_sha256,
+                base_model=base_model_of(row),
+                tensor_sha256=row.facts.tensor_sha256 if row.facts is not None else None,
                 unet_weight=item.unet_weight,
                 text_encoder_weight=item.text_encoder_weight,
             )
@@ -259,7 +235,7 @@ async def select_loras(session: AsyncSession, items: Sequence[LoRAConfigItem]) -
 
 async def repair_on_startup(session: AsyncSession, storage: Storage) -> None:
     """Remove files no row points to; report rows whose file is gone; describe rows added
-    before LoRA details were stored (one read of each such file, once)."""
+    before LoRA facts were stored (one read of each such file, once)."""
     rows = await crud.list_loras(session)
     known = {Path(row.file_path) for row in rows}
     removed = await anyio.to_thread.run_sync(
@@ -279,11 +255,11 @@ async def repair_on_startup(session: AsyncSession, storage: Storage) -> None:
 
 
 async def _describe_old_rows(session: AsyncSession) -> None:
-    for row in await crud.loras_without_details(session):
+    for row in await crud.loras_without_facts(session):
         path = Path(row.file_path)
         if not await anyio.to_thread.run_sync(path.is_file):
             continue  # reported above
-        details = await anyio.to_thread.run_sync(file_manager.describe_stored, path)
-        if details is not None:
-            await crud.set_lora_details(session, row, details.columns())
-            logger.info("Described LoRA '%s' (id %d): for %s", row.name, row.id, details.base_model)
+        facts = await anyio.to_thread.run_sync(file_manager.describe_stored, path)
+        if facts is not None:
+            await crud.set_lora_facts(session, row, facts)
+            logger.info("Described LoRA '%s' (id %d): for %s", row.name, row.id, facts.base_model)

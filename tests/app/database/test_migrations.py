@@ -3,8 +3,10 @@ chain, and each migration of the ``loras`` table on rows written before it."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -15,7 +17,7 @@ from fastapi import FastAPI
 
 from alembic import command
 from app.database.migrations import alembic_config, downgrade_to_base, sync_url, upgrade_to_head
-from app.database.models import Base
+from app.database.models import Base, LoRAFacts, LoRASource
 from app.database.session import BUSY_TIMEOUT_MS
 
 TABLES = set(Base.metadata.tables)  # every table the ORM declares
@@ -139,6 +141,7 @@ LORA_MIGRATIONS = [
         id="0003-lora-details",
     ),
     pytest.param("0004", ("source_url", "civitai"), id="0004-download-source"),
+    pytest.param("0005", ("facts", "source"), id="0005-facts-and-source-as-json"),
 ]
 """A revision that changes the ``loras`` table, and (some of) the columns it adds: empty on
 the rows that were there before it (a start-up describes them)."""
@@ -173,3 +176,89 @@ def test_a_loras_migration_keeps_rows_and_downgrade_keeps_ids_unique(
         ids = connection.execute(sa.text("SELECT id FROM loras ORDER BY id")).scalars().all()
     assert "AUTOINCREMENT" in table_sql
     assert ids == [1, 2, 4]  # the deleted LoRA's id 3 is not handed out again
+
+
+# ---------------------------------------------------------------------------------------------
+# 0005 moves the facts and the source of described rows into one JSON column each, and back
+
+_DESCRIBED: dict[str, Any] = {
+    "format": "kohya",
+    "components": ["unet", "text_encoder"],
+    "network_type": "locon",
+    "rank": 4,
+    "rank_max": 8,
+    "alpha": 0.1,
+    "base_model": "sd1",
+    "base_model_evidence": "768-wide cross-attention",
+    "base_model_metadata": "sdxl",
+    "base_model_metadata_source": "ss_base_model_version: sdxl_base_v1-0",
+    "base_model_conflict": True,
+    "base_model_note": "The metadata says SDXL.",
+    "trigger_words": ["zkz style", "1girl"],
+    "title": "A title",
+    "description": "Über alles",
+    "author": "me",
+    "raw_metadata": {"ss_network_dim": "4", "modelspec.title": "A title"},
+    "metadata_truncated": False,
+    "tensor_sha256": "ab" * 32,
+}
+"""A row as 0003 and 0004 stored a described upload."""
+_JSON_COLUMNS = {"components", "trigger_words", "raw_metadata", "civitai"}
+_CIVITAI = {"version_id": 4321, "model_id": 77, "trained_words": ["boat"]}
+
+
+def _set_columns(connection: sa.Connection, name: str, values: dict[str, Any]) -> None:
+    assignments = ", ".join(f"{column} = :{column}" for column in values)
+    encoded = {k: json.dumps(v) if k in _JSON_COLUMNS else v for k, v in values.items()}
+    connection.execute(
+        sa.text(f"UPDATE loras SET {assignments} WHERE name = :name"), {**encoded, "name": name}
+    )
+
+
+def _old_columns(connection: sa.Connection) -> list[dict[str, Any]]:
+    columns = [*_DESCRIBED, "source_url", "civitai"]
+    rows = connection.execute(sa.text(f"SELECT {', '.join(columns)} FROM loras ORDER BY id"))
+    return [dict(row._mapping) for row in rows]
+
+
+def test_0005_moves_the_columns_into_facts_and_source_and_back(
+    database_url: str, sync_engine: sa.Engine
+) -> None:
+    config = alembic_config(database_url)
+    command.upgrade(config, "0004")
+    with sync_engine.begin() as connection:
+        for name in ("upload", "download", "old"):
+            connection.execute(sa.text(_LORA_ROW), {"name": name})
+        _set_columns(connection, "upload", _DESCRIBED)
+        download = {**_DESCRIBED, "trigger_words": None, "raw_metadata": None}
+        download |= {"base_model_conflict": None, "source_url": "https://x/y"}
+        _set_columns(connection, "download", {**download, "civitai": _CIVITAI})
+        before = _old_columns(connection)
+
+    command.upgrade(config, "0005")
+    with sync_engine.connect() as connection:
+        rows = connection.execute(sa.text("SELECT facts, source FROM loras ORDER BY id")).all()
+    (upload, no_source), (download_facts, source), old = rows
+    assert no_source is None
+    assert tuple(old) == (None, None)  # never described: SQL NULL, described at the next start
+    facts = LoRAFacts.model_validate_json(upload)
+    assert facts.metadata == _DESCRIBED["raw_metadata"]
+    assert facts.components == ("unet", "text_encoder")
+    assert (facts.alpha, facts.base_model_conflict) == (0.1, True)
+    facts = LoRAFacts.model_validate_json(download_facts)
+    # NULLs of a described row become what the API showed for them.
+    assert (facts.trigger_words, facts.metadata, facts.base_model_conflict) == ((), {}, False)
+    assert LoRASource.model_validate_json(source) == LoRASource(
+        source_url="https://x/y", civitai=_CIVITAI
+    )
+
+    command.downgrade(config, "0004")
+    with sync_engine.connect() as connection:
+        after = _old_columns(connection)
+    assert (after[0], after[2]) == (before[0], before[2])
+    assert after[1] == {
+        **before[1],
+        "trigger_words": "[]",
+        "raw_metadata": "{}",
+        "base_model_conflict": 0,
+    }

@@ -307,7 +307,7 @@ class DownloadManager:
             self._emit_progress(download, time.monotonic())
         download.state = DownloadState.VALIDATING
         store.check_hash(plan, written, transfer.file_name)
-        staged = await store.validate(written, transfer.file_name)
+        staged = await store.validate(plan, written, transfer.file_name)
         download.committing = True
         return await store.ingest(
             self.session_factory, self.storage, self.models, plan, staged, transfer.file_name

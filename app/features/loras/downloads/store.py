@@ -4,16 +4,14 @@ its own that commits once, with the same after-commit/after-rollback file work."
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.cores.model_manager.model_manager import ModelManager
 from app.database import hooks
+from app.database.models import LoRASource
 from app.features.loras import file_manager, service
 from app.features.loras.downloads.partial_file import Written
 from app.features.loras.downloads.plan import Plan
-from app.features.loras.metadata import MAX_TRIGGER_WORDS
 from app.features.loras.schemas import LoRAInfo
 from app.services.remote_files import DownloadError
 from app.services.storage import Storage
@@ -30,26 +28,25 @@ def check_hash(plan: Plan, written: Written, file_name: str) -> None:
         )
 
 
-async def validate(written: Written, file_name: str) -> file_manager.StagedLoRA:
-    """The upload's validation and description (the temporary file is removed if refused)."""
+async def validate(plan: Plan, written: Written, file_name: str) -> file_manager.StagedLoRA:
+    """The upload's validation and description (the temporary file is removed if refused);
+    CivitAI's trained words are the trigger words of a file that names none."""
     return await in_thread(
-        file_manager.validate_staged,
-        written.path,
-        file_name,
-        written.sha256,
-        written.tensor_sha256,
-        written.size,
+        lambda: file_manager.validate_staged(
+            written.path,
+            file_name,
+            written.sha256,
+            written.tensor_sha256,
+            written.size,
+            trained_words=plan.trained_words,
+        )
     )
 
 
-def _origin(plan: Plan, staged: file_manager.StagedLoRA, file_name: str) -> service.Origin:
-    columns: dict[str, Any] = {"source_url": plan.public_url}
-    if plan.civitai is not None:  # (a JSON None would be stored as 'null')
-        columns["civitai"] = plan.civitai
-    if not staged.details.trigger_words and plan.trained_words:
-        columns["trigger_words"] = plan.trained_words[: MAX_TRIGGER_WORDS * 2]
+def _origin(plan: Plan, file_name: str) -> service.Origin:
     stem = file_manager.safe_stem(file_name)
-    return service.Origin(name=stem, file_stem=stem, source=plan.public_url, columns=columns)
+    source = LoRASource(source_url=plan.public_url, civitai=plan.civitai)
+    return service.Origin(name=stem, file_stem=stem, location=plan.public_url, source=source)
 
 
 async def ingest(
@@ -61,6 +58,4 @@ async def ingest(
     file_name: str,
 ) -> LoRAInfo:
     async with hooks.transaction(session_factory) as session:
-        return await service.ingest(
-            session, storage, models, staged, _origin(plan, staged, file_name)
-        )
+        return await service.ingest(session, storage, models, staged, _origin(plan, file_name))

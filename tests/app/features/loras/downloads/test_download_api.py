@@ -22,12 +22,14 @@ HF_FILE = "detail tweaker.safetensors"
 
 
 async def _source_columns(app: FastAPI, lora_id: int) -> tuple[Any, ...]:
+    """(source_url, civitai, source_path) as stored (``source`` is JSON text in SQLite)."""
     async with app.state.session_factory() as session:
         row = await session.execute(
-            text("SELECT source_url, civitai, source_path FROM loras WHERE id = :id"),
-            {"id": lora_id},
+            text("SELECT source, source_path FROM loras WHERE id = :id"), {"id": lora_id}
         )
-        return tuple(row.one())
+        source, source_path = row.one()
+    stored = json.loads(source) if source is not None else {}
+    return stored.get("source_url"), stored.get("civitai"), source_path
 
 
 def _assert_stored(settings: Settings, lora: dict[str, Any], data: bytes) -> None:
@@ -119,10 +121,8 @@ async def test_civitai_version_keeps_its_data_and_trained_words(
     _assert_stored(settings, lora, data)
     assert lora["name"] == "boat style"
     assert lora["trigger_words"] == ["mystyle", "in the style of a boat"]  # the file has none
-    source_url, civitai, _ = await _source_columns(app, lora["id"])
+    source_url, stored, _ = await _source_columns(app, lora["id"])
     assert source_url == remote.url("/civitai/models/77?modelVersionId=4321")
-    assert isinstance(civitai, str)  # JSON text in SQLite
-    stored = json.loads(civitai)
     assert stored["version_id"] == 4321
     assert stored["model_id"] == 77
     assert stored["base_model"] == "SD 1.5"
