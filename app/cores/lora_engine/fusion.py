@@ -22,7 +22,7 @@ import torch
 
 from app.cores.lora_engine.backups import BackupPool
 from app.cores.lora_engine.key_mapping import KeyMapper
-from app.cores.lora_engine.layer_math import bias_delta, dora_weight, weight_delta
+from app.cores.lora_engine.layer_math import bias_delta, dora_weight, layer_scale, weight_delta
 from app.cores.lora_engine.layers import LayerKind, Target
 from app.cores.lora_engine.preparation import PreparedLayer, PreparedLoRA
 from app.cores.lora_engine.request import LoRARequest
@@ -58,6 +58,34 @@ def _bias_rows(
     return delta[target.rows]
 
 
+def _is_plain(prepared: PreparedLayer, target: Target) -> bool:
+    """A plain LoRA layer landing on whole rows in place: ``up @ down`` stacks with others."""
+    layer = prepared.layer
+    return (
+        layer.kind is LayerKind.LORA
+        and "mid" not in layer.tensors
+        and layer.dora is None
+        and target.into is None
+    )
+
+
+def _stacked_factors(
+    plain: Sequence[_Contribution], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum(w * s * up @ down)`` of plain LoRA layers is one matmul of the stacked factors,
+    ``[up_1 .. up_n] @ [w_1 s_1 down_1; ..; w_n s_n down_n]``, in float32: one pass over the
+    weight instead of one per LoRA (rows x columns, flattened)."""
+    ups, downs = [], []
+    for prepared, target, strength in plain:
+        up = prepared.layer.tensors["up"]
+        if target.rows is not None:
+            up = up[target.rows]
+        ups.append(up.flatten(1).to(device, torch.float32))
+        scale = strength * layer_scale(prepared.layer)
+        downs.append(prepared.layer.tensors["down"].flatten(1).to(device, torch.float32) * scale)
+    return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+
+
 def _fuse_module(
     module: torch.nn.Module, contributions: Sequence[_Contribution], backups: BackupPool
 ) -> None:
@@ -65,36 +93,55 @@ def _fuse_module(
     assert isinstance(weight, torch.Tensor)
     device = weight.device
     backups.save(weight)
-    total = torch.zeros(weight.shape, dtype=torch.float32, device=device)
-    bias: torch.Tensor | None = getattr(module, "bias", None)
-    bias_total = (
-        torch.zeros(bias.shape, dtype=torch.float32, device=device) if bias is not None else None
-    )
-    doras: list[tuple[PreparedLayer, float]] = []
-    for prepared, target, strength in contributions:
-        if prepared.layer.dora is not None:
-            doras.append((prepared, strength))
-            continue
-        into = target.into if target.into is not None else slice(None)
-        delta = _rows_of(prepared, target, device)
-        if delta is not None:
-            total[into] += strength * delta.reshape(total[into].shape)
-        delta_b = _bias_rows(prepared, target, device)
-        if delta_b is not None and bias_total is not None:
-            bias_total[into] += strength * delta_b
-    if doras:
-        current = weight.to(torch.float32) + total
-        for prepared, strength in doras:
-            delta = weight_delta(prepared.layer, prepared.shape, device)
-            assert prepared.layer.dora is not None
-            assert delta is not None
-            current = dora_weight(current, delta, prepared.layer.dora, strength)
-        weight.copy_(current.to(weight.dtype))
+    plain = [c for c in contributions if _is_plain(c[0], c[1])]
+    others = [c for c in contributions if not _is_plain(c[0], c[1])]
+    doras = [(p, w) for p, _target, w in others if p.layer.dora is not None]
+    additive = [c for c in others if c[0].layer.dora is None]
+    in_place = weight.ndim > 1 and weight.is_contiguous() and weight.dtype == torch.float32
+    flat = weight.view(weight.shape[0], -1) if in_place else None
+    if plain and not additive and not doras and flat is not None:
+        flat.addmm_(*_stacked_factors(plain, device))  # the common case: no buffer at all
     else:
-        weight.add_(total.to(weight.dtype))
-    if bias is not None and bias_total is not None and bias_total.any():
+        total = torch.zeros(weight.shape, dtype=torch.float32, device=device)
+        if plain:
+            ups, downs = _stacked_factors(plain, device)
+            total += (ups @ downs).view(weight.shape)
+        for prepared, target, strength in additive:
+            into = target.into if target.into is not None else slice(None)
+            delta = _rows_of(prepared, target, device)
+            if delta is not None:
+                total[into] += strength * delta.reshape(total[into].shape)
+        if doras:
+            current = weight.to(torch.float32) + total
+            for prepared, strength in doras:
+                delta = weight_delta(prepared.layer, prepared.shape, device)
+                assert prepared.layer.dora is not None
+                assert delta is not None
+                current = dora_weight(current, delta, prepared.layer.dora, strength)
+            weight.copy_(current.to(weight.dtype))
+        else:
+            weight.add_(total.to(weight.dtype))
+    _fuse_bias(module, contributions, backups)
+
+
+def _fuse_bias(
+    module: torch.nn.Module, contributions: Sequence[_Contribution], backups: BackupPool
+) -> None:
+    bias = getattr(module, "bias", None)
+    if not isinstance(bias, torch.Tensor):
+        return
+    total: torch.Tensor | None = None
+    for prepared, target, strength in contributions:
+        delta = _bias_rows(prepared, target, bias.device)
+        if delta is None:
+            continue
+        if total is None:
+            total = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        into = target.into if target.into is not None else slice(None)
+        total[into] += strength * delta
+    if total is not None:
         backups.save(bias)
-        bias.add_(bias_total.to(bias.dtype))
+        bias.add_(total.to(bias.dtype))
 
 
 @contextlib.contextmanager

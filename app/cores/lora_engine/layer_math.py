@@ -110,7 +110,7 @@ def layer_rank(layer: FileLayer) -> int | None:
     return None
 
 
-def _scale(layer: FileLayer) -> float:
+def layer_scale(layer: FileLayer) -> float:
     """``alpha / rank`` as A1111's ``calc_scale`` and ComfyUI compute it: 1 without an alpha or
     without a rank (FULL, NORM, LoKr with two full factors, where LyCORIS also forces 1)."""
     rank = layer_rank(layer)
@@ -199,7 +199,7 @@ def weight_delta(
             f"{layer.name}: a {layer.kind} difference of shape {tuple(delta.shape)} does not fit"
             f" a weight of shape {tuple(shape)}"
         )
-    scale = _scale(layer)
+    scale = layer_scale(layer)
     return (delta if scale == 1.0 else delta * scale).reshape(tuple(shape))
 
 
@@ -212,7 +212,7 @@ def bias_delta(layer: FileLayer, device: torch.device) -> torch.Tensor | None:
     if tensor is None:
         return None
     bias = tensor.to(device=device, dtype=_F32)
-    return bias * _scale(layer) if layer.kind == LayerKind.LORA else bias
+    return bias * layer_scale(layer) if layer.kind == LayerKind.LORA else bias
 
 
 def _norm(weight: torch.Tensor, axis: DoRAAxis) -> torch.Tensor:
