@@ -16,9 +16,12 @@ import pytest
 from fastapi import FastAPI
 from PIL import Image
 
+from app.cores.model_manager.model_family import ModelFamily
 from app.database import crud
 from app.features.generators.samplers import Sampler, flow_matching_samplers
 from tests.api import fetch_png, generate, pixels
+from tests.factories.family_models import build_family_pipeline
+from tests.factories.trainer_loras import write_trainer_lora
 
 FAMILIES = ["sd2", "sdxl", "sd3", "flux-dev", "flux-schnell"]
 FLOW_MATCHING = {"sd3", "flux-dev", "flux-schnell"}
@@ -116,3 +119,45 @@ async def test_what_cfg_scale_and_negative_prompt_mean_per_family(
     negative_changes = not np.array_equal(base, await image(cfg_scale=4.0, negative_prompt="fog"))
     assert cfg_changes is (family != "flux-schnell")
     assert negative_changes is (family not in ("flux-dev", "flux-schnell"))
+
+
+# The formats each family's LoRAs are published in (tests/factories/trainer_loras.py).
+TRAINER_FORMATS = {
+    "sd2": ["kohya", "lycoris-loha", "peft"],
+    "sdxl": ["kohya", "lycoris-lokr", "peft"],
+    "sd3": ["kohya", "peft"],
+    "flux-dev": ["kohya", "bfl", "xlabs", "peft"],
+    "flux-schnell": ["kohya", "xlabs"],
+}
+
+
+async def test_loras_in_the_family_formats_upload_classify_and_apply(
+    client: httpx.AsyncClient, family: str, tmp_path: Path
+) -> None:
+    """Each family's LoRAs, as their trainers write them: classified as that family, applied
+    (the image changes); a LoRA of another family is refused naming both families."""
+    pipeline = build_family_pipeline(family)  # family_model_dir's weights: the same seed
+    base = await pixels(client, await generate(client, **SIZE, seed=4))
+    for index, trainer_format in enumerate(TRAINER_FORMATS[family]):
+        path = tmp_path / f"{family}-{trainer_format}.safetensors"
+        write_trainer_lora(pipeline, family, trainer_format, path, seed=index)
+        uploaded = await client.post("/loras/upload", json={"file_path": str(path)})
+        assert uploaded.status_code == 201, uploaded.text
+        info = uploaded.json()
+        assert info["base_model"] == TINY_FAMILY[family], (trainer_format, info)
+        assert info["compatible"] is True
+        loras = [{"lora_id": info["id"], "weight": 1.0}]
+        response = await generate(client, loras, **SIZE, seed=4)
+        assert response.status_code == 200, response.text
+        assert not np.array_equal(await pixels(client, response), base), trainer_format
+    other = "sd2" if family != "sd2" else "sdxl"
+    path = tmp_path / "other.safetensors"
+    write_trainer_lora(build_family_pipeline(other), other, "kohya", path)
+    uploaded = await client.post("/loras/upload", json={"file_path": str(path)})
+    assert uploaded.status_code == 201, uploaded.text
+    refused = await generate(client, [{"lora_id": uploaded.json()["id"]}], **SIZE)
+    assert refused.status_code == 400
+    detail = refused.json()["detail"]
+    other_name = ModelFamily(TINY_FAMILY[other]).display_name
+    assert other_name in detail
+    assert ModelFamily(TINY_FAMILY[family]).display_name in detail
