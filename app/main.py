@@ -73,7 +73,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await events.start()
     models = ModelManager(events, settings.lora_cache_max_count, settings.lora_cache_max_bytes)
     models.safety_check_enabled = read_user_config(storage).safety_check_enabled
-    downloads = DownloadManager(settings, storage, session_factory, events, models)
+    downloads = DownloadManager(
+        settings, storage, session_factory, events, loaded_family=lambda: models.loaded_family
+    )
     hub = HubClient(settings)
     model_downloads = ModelDownloads(settings, storage, session_factory, events, hub)
     app.state.session_factory = session_factory

@@ -1,5 +1,9 @@
+"""The LoRA endpoints: the service works on rows, the responses are made here
+(``LoRAInfo.of``, with the family of the model loaded now)."""
+
 from __future__ import annotations
 
+import anyio.to_thread
 from fastapi import APIRouter, Query, status
 
 from app.deps import LoRADownloadsDep, ModelManagerDep, SessionDep, SettingsDep, StorageDep
@@ -32,7 +36,8 @@ async def upload_lora(
 ) -> LoRAInfo:
     """Add a LoRA: validate the .safetensors file at `file_path`, describe it (format, base
     model, trigger words, hashes) and copy it into the cache."""
-    return await service.upload_lora(session, storage, settings, models, body.file_path)
+    row = await service.upload_lora(session, storage, settings, body.file_path)
+    return LoRAInfo.of(row, models.loaded_family)
 
 
 @router.post("/download", status_code=status.HTTP_202_ACCEPTED)
@@ -80,7 +85,11 @@ async def list_loras(
     ),
 ) -> LoRAListResponse:
     """List every added LoRA, oldest first."""
-    return LoRAListResponse(loras=await service.list_loras(session, models, compatible_with_loaded))
+    family = models.loaded_family
+    rows = await service.list_loras(session, family, compatible_with_loaded)
+    # LoRAInfo.of looks for each file on disk: off the event loop.
+    infos = await anyio.to_thread.run_sync(lambda: [LoRAInfo.of(row, family) for row in rows])
+    return LoRAListResponse(loras=infos)
 
 
 @router.get("/{lora_id}")
@@ -88,7 +97,7 @@ async def get_lora(
     lora_id: DatabaseIdPath, session: SessionDep, models: ModelManagerDep
 ) -> LoRAInfo:
     """Show one LoRA."""
-    return await service.get_lora(session, models, lora_id)
+    return LoRAInfo.of(await service.get_lora(session, lora_id), models.loaded_family)
 
 
 @router.delete("/{lora_id}")
@@ -96,5 +105,5 @@ async def delete_lora(
     lora_id: DatabaseIdPath, session: SessionDep, models: ModelManagerDep
 ) -> LoRADeleteResponse:
     """Delete a LoRA's record and its stored file."""
-    await service.delete_lora(session, models, lora_id)
+    await service.delete_lora(session, lora_id, forget=models.forget_lora)
     return LoRADeleteResponse(id=lora_id, message=f"LoRA {lora_id} deleted successfully")

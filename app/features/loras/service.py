@@ -1,10 +1,11 @@
 """LoRA records: upload (copy + validate + describe + dedupe) and the ingest step it shares
-with downloads, list, get, delete, start-up repair; which LoRAs fit the loaded model."""
+with downloads, list, get, delete, start-up repair; which LoRAs fit the loaded model.
+Functions return rows (``LoRA``); the API makes its responses of them (``LoRAInfo.of``)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -15,28 +16,21 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.config import Settings
 from app.cores.lora_engine import LoRARequest
 from app.cores.model_manager.model_family import ModelFamily, is_compatible
-from app.cores.model_manager.model_manager import ModelManager
 from app.database import crud, hooks
 from app.database.models import LoRA, LoRASource
 from app.exceptions import BadRequestError, ConflictError, NotFoundError
 from app.features.loras import file_manager
 from app.features.loras.metadata import clean_text
-from app.features.loras.schemas import LoRAConfigItem, LoRAInfo
+from app.features.loras.schemas import LoRAConfigItem
 from app.services.storage import Storage
 
 logger = logging.getLogger(__name__)
 
 _CREATE_ATTEMPTS = 3
 
-
-def to_info(row: LoRA, loaded_family: ModelFamily | None) -> LoRAInfo:
-    """The API view of a row; ``compatible`` against the family of the model loaded now."""
-    return LoRAInfo.of(row, loaded_family)
-
-
-async def _to_infos(rows: Sequence[LoRA], loaded_family: ModelFamily | None) -> list[LoRAInfo]:
-    # to_info checks each file on disk: off the event loop.
-    return await anyio.to_thread.run_sync(lambda: [to_info(row, loaded_family) for row in rows])
+ForgetLoRA = Callable[[str], None]
+"""Tells the engine to drop what it cached of a LoRA file, by its sha256
+(``ModelManager.forget_lora``)."""
 
 
 def duplicate_message(row: LoRA) -> str:
@@ -76,12 +70,8 @@ class Origin:
 
 
 async def upload_lora(
-    session: AsyncSession,
-    storage: Storage,
-    settings: Settings,
-    models: ModelManager,
-    file_path: str,
-) -> LoRAInfo:
+    session: AsyncSession, storage: Storage, settings: Settings, file_path: str
+) -> LoRA:
     source = file_manager.check_source(file_path, settings.lora_max_file_size)
     staged = await anyio.to_thread.run_sync(
         file_manager.stage_copy, source, storage.get_loras_dir(), settings.lora_max_file_size
@@ -92,16 +82,12 @@ async def upload_lora(
         location=str(source),
         source_path=str(source),
     )
-    return await ingest(session, storage, models, staged, origin)
+    return await ingest(session, storage, staged, origin)
 
 
 async def ingest(
-    session: AsyncSession,
-    storage: Storage,
-    models: ModelManager,
-    staged: file_manager.StagedLoRA,
-    origin: Origin,
-) -> LoRAInfo:
+    session: AsyncSession, storage: Storage, staged: file_manager.StagedLoRA, origin: Origin
+) -> LoRA:
     """The one way in for a validated file (an upload's copy or a download): dedupe by
     sha256 (409), give it its final name, add its row. The temporary file is gone afterwards;
     the final one is removed again if the session's transaction does not commit."""
@@ -131,7 +117,7 @@ async def ingest(
     )
     if facts.base_model_note:
         logger.info("LoRA '%s': %s", row.name, facts.base_model_note)
-    return to_info(row, models.loaded_family)
+    return row
 
 
 async def _create_row(
@@ -168,42 +154,42 @@ def base_model_of(row: LoRA) -> str | None:
 
 
 async def list_loras(
-    session: AsyncSession, models: ModelManager, compatible_with_loaded: bool | None = None
-) -> list[LoRAInfo]:
+    session: AsyncSession, family: ModelFamily | None, compatible_with_loaded: bool | None = None
+) -> Sequence[LoRA]:
     """Every LoRA, oldest first; ``compatible_with_loaded=True`` leaves out those known to be
-    made for another family than the loaded model (LoRAs of unknown family stay: they may
-    fit, and the size check at generation decides), ``False`` keeps only those. With no
-    model loaded, or one of unknown family, nothing is known to be incompatible."""
-    family = models.loaded_family
-    rows: Sequence[LoRA] = await crud.list_loras(session)
-    if compatible_with_loaded is not None:
-        if family is None or not family.known:
-            rows = rows if compatible_with_loaded else []
-        else:
-            rows = [
-                row
-                for row in rows
-                if (is_compatible(base_model_of(row), family) is not False)
-                == compatible_with_loaded
-            ]
-    return await _to_infos(rows, family)
+    made for another family than the loaded model's (``family``; LoRAs of unknown family
+    stay: they may fit, and the size check at generation decides), ``False`` keeps only
+    those. With no model loaded, or one of unknown family, nothing is known to be
+    incompatible."""
+    rows = await crud.list_loras(session)
+    if compatible_with_loaded is None:
+        return rows
+    if family is None or not family.known:
+        return rows if compatible_with_loaded else []
+    return [
+        row
+        for row in rows
+        if (is_compatible(base_model_of(row), family) is not False) == compatible_with_loaded
+    ]
 
 
-async def get_lora(session: AsyncSession, models: ModelManager, lora_id: int) -> LoRAInfo:
+async def get_lora(session: AsyncSession, lora_id: int) -> LoRA:
     row = await crud.get_lora(session, lora_id)
     if row is None:
         raise NotFoundError(f"LoRA with id {lora_id} not found")
-    return to_info(row, models.loaded_family)
+    return row
 
 
-async def delete_lora(session: AsyncSession, models: ModelManager, lora_id: int) -> None:
+async def delete_lora(session: AsyncSession, lora_id: int, forget: ForgetLoRA) -> None:
+    """Delete the row; once that is committed, the file, and what the engine cached of it
+    (``forget``)."""
     row = await crud.get_lora(session, lora_id)
     if row is None:
         raise NotFoundError(f"LoRA with id {lora_id} does not exist.")
     await crud.delete_lora(session, row)
     # A generation using it holds its own hard link (file_manager.pinned_copies).
     hooks.after_commit(session, partial(file_manager.discard, Path(row.file_path)))
-    hooks.after_commit(session, partial(models.forget_lora, row.sha256))
+    hooks.after_commit(session, partial(forget, row.sha256))
     logger.info("Deleted LoRA '%s' (id %d)", row.name, row.id)
 
 
@@ -243,14 +229,16 @@ async def repair_on_startup(session: AsyncSession, storage: Storage) -> None:
     )
     for path in removed:
         logger.info("Removed leftover LoRA file %s", path.name)
-    for info in await _to_infos(rows, None):
-        if info.file_missing:
-            logger.warning(
-                "LoRA '%s' (id %d): its file %s is missing; delete it and add it again",
-                info.name,
-                info.id,
-                info.file_path,
-            )
+    missing = await anyio.to_thread.run_sync(
+        lambda: [row for row in rows if not Path(row.file_path).is_file()]
+    )
+    for row in missing:
+        logger.warning(
+            "LoRA '%s' (id %d): its file %s is missing; delete it and add it again",
+            row.name,
+            row.id,
+            row.file_path,
+        )
     await _describe_old_rows(session)
 
 

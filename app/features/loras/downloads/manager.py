@@ -15,12 +15,13 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.config import Settings
-from app.cores.model_manager.model_manager import ModelManager
+from app.cores.model_manager.model_family import ModelFamily
 from app.database import crud
 from app.database.models import utc_now
 from app.exceptions import (
@@ -66,13 +67,15 @@ class DownloadManager:
         storage: Storage,
         session_factory: async_sessionmaker[AsyncSession],
         events: EventEmitter,
-        models: ModelManager,
+        loaded_family: Callable[[], ModelFamily | None],
     ) -> None:
+        """``loaded_family``: the loaded model's family now, for ``compatible`` in the
+        LoRA a completed download reports."""
         self.settings = settings
         self.storage = storage
         self.session_factory = session_factory
         self.events = events
-        self.models = models
+        self.loaded_family = loaded_family
         self.retry = RetryPolicy(
             settings.lora_download_attempts, settings.lora_download_retry_delay
         )
@@ -309,6 +312,7 @@ class DownloadManager:
         store.check_hash(plan, written, transfer.file_name)
         staged = await store.validate(plan, written, transfer.file_name)
         download.committing = True
-        return await store.ingest(
-            self.session_factory, self.storage, self.models, plan, staged, transfer.file_name
+        row = await store.ingest(
+            self.session_factory, self.storage, plan, staged, transfer.file_name
         )
+        return LoRAInfo.of(row, self.loaded_family())

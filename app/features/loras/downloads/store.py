@@ -6,13 +6,11 @@ from __future__ import annotations
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.cores.model_manager.model_manager import ModelManager
 from app.database import hooks
-from app.database.models import LoRASource
+from app.database.models import LoRA, LoRASource
 from app.features.loras import file_manager, service
 from app.features.loras.downloads.partial_file import Written
 from app.features.loras.downloads.plan import Plan
-from app.features.loras.schemas import LoRAInfo
 from app.services.remote_files import DownloadError
 from app.services.storage import Storage
 from app.services.worker_threads import in_thread
@@ -52,10 +50,9 @@ def _origin(plan: Plan, file_name: str) -> service.Origin:
 async def ingest(
     session_factory: async_sessionmaker[AsyncSession],
     storage: Storage,
-    models: ModelManager,
     plan: Plan,
     staged: file_manager.StagedLoRA,
     file_name: str,
-) -> LoRAInfo:
+) -> LoRA:
     async with hooks.transaction(session_factory) as session:
-        return await service.ingest(session, storage, models, staged, _origin(plan, file_name))
+        return await service.ingest(session, storage, staged, _origin(plan, file_name))
