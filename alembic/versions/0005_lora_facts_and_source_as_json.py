@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from alembic import op
-from app.database.migration_ops import Columns, add_lora_columns, drop_lora_columns
+from app.database.migration_ops import add_lora_columns, drop_lora_columns
 
 revision: str = "0005"
 down_revision: str | None = "0004"
@@ -24,6 +24,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 _JSON = sa.JSON(none_as_null=True)
+Columns = Sequence[tuple[str, sa.types.TypeEngine[Any]]]
 
 _FACT_COLUMNS: Columns = (  # as 0003 added them
     ("format", sa.String(length=32)),
