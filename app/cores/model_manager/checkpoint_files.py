@@ -257,8 +257,8 @@ def _text_problem(denoiser: _Denoiser, encoders: list[TextEncoder]) -> str | Non
     clips = [e.width for e in encoders if e.label != "T5"]
     t5 = [e.width for e in encoders if e.label == "T5"]
     if clips and denoiser.pooled is not None and sum(clips) != denoiser.pooled:
-        widths = " + ".join(map(str, clips))
-        return f"its CLIP text encoders ({widths} wide) do not add up to its {denoiser.pooled}"
+        widths, reads = " + ".join(map(str, clips)), denoiser.pooled
+        return f"its CLIP text encoders ({widths} wide) do not add up to the {reads} it reads"
     if t5 and denoiser.context is not None and t5[0] != denoiser.context:
         return f"its T5 text encoder is {t5[0]} wide, the transformer reads {denoiser.context}"
     return None

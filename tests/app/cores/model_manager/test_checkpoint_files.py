@@ -55,39 +55,25 @@ F = ModelFamily
 # ---------------------------------------------------------------------------------------------
 # The tiny family models, written whole in the original layout
 
+_FLUX_TINY = "FLUX.1 transformer 32 wide (double-stream blocks: 1, single-stream: 1) "
+_FLUX_TEXT = "; text encoders CLIP-L 32 + T5 64 wide; VAE"
 TINY: dict[Family, tuple[F, str | None, str]] = {
     "sd1": (F.TINY, None, "UNet with 32-wide cross-attention; text encoder CLIP 32 wide; VAE"),
-    "sd2": (
-        F.TINY_SD2,
-        None,
-        "UNet with 48-wide cross-attention; text encoder OpenCLIP 48 wide; VAE. Whether it "
-        "predicts v (SD 2.x 768-v) or noise (512-base) is not in the weights: it comes from "
-        "the config or from you",
-    ),
-    "sdxl": (
-        F.TINY_SDXL,
-        None,
-        "UNet with 64-wide cross-attention and size conditioning (label_emb); text encoders "
-        "CLIP 32 + OpenCLIP 32 wide; VAE",
-    ),
-    "sd3": (
-        F.TINY_SD3,
-        None,
-        "MMDiT 32 wide (2 joint blocks); text encoders CLIP-L 32 + CLIP-G 32 + T5 64 wide; VAE",
-    ),
-    "flux-dev": (
-        F.TINY_FLUX,
-        "dev",
-        "FLUX.1 transformer 32 wide (double-stream blocks: 1, single-stream: 1) with guidance "
-        "embedding (as FLUX.1 dev); text encoders CLIP-L 32 + T5 64 wide; VAE",
-    ),
-    "flux-schnell": (
-        F.TINY_FLUX,
-        "schnell",
-        "FLUX.1 transformer 32 wide (double-stream blocks: 1, single-stream: 1) without "
-        "guidance embedding (as FLUX.1 schnell); text encoders CLIP-L 32 + T5 64 wide; VAE",
-    ),
-}
+    "sd2": (F.TINY_SD2, None,
+            "UNet with 48-wide cross-attention; text encoder OpenCLIP 48 wide; VAE. Whether it "
+            "predicts v (SD 2.x 768-v) or noise (512-base) is not in the weights: it comes from "
+            "the config or from you"),
+    "sdxl": (F.TINY_SDXL, None,
+             "UNet with 64-wide cross-attention and size conditioning (label_emb); text "
+             "encoders CLIP 32 + OpenCLIP 32 wide; VAE"),
+    "sd3": (F.TINY_SD3, None,
+            "MMDiT 32 wide (2 joint blocks); text encoders CLIP-L 32 + CLIP-G 32 + T5 64 wide; "
+            "VAE"),
+    "flux-dev": (F.TINY_FLUX, "dev",
+                 f"{_FLUX_TINY}with guidance embedding (as FLUX.1 dev){_FLUX_TEXT}"),
+    "flux-schnell": (F.TINY_FLUX, "schnell",
+                     f"{_FLUX_TINY}without guidance embedding (as FLUX.1 schnell){_FLUX_TEXT}"),
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -153,48 +139,25 @@ def _real_vae(latent_channels: int) -> AutoencoderKL:
         )
 
 
+_FLUX_REAL = "FLUX.1 transformer 3072 wide (double-stream blocks: 19, single-stream: 38) "
+_SD3_TEXT = "; text encoders CLIP-L 768 + CLIP-G 1280 + T5 4096"
 REAL: dict[str, tuple[Layout, F, str | None, str]] = {
     "sd1.5": ("sd1", F.SD1, None, "UNet with 768-wide cross-attention; text encoder CLIP 768"),
-    "sd2.1": (
-        "sd2",
-        F.SD2,
-        None,
-        "UNet with 1024-wide cross-attention; text encoder OpenCLIP 1024",
-    ),
-    "sdxl-base": (
-        "sdxl",
-        F.SDXL,
-        None,
-        "UNet with 2048-wide cross-attention and size conditioning (label_emb); text encoders "
-        "CLIP 768 + OpenCLIP 1280",
-    ),
-    "sd3-medium": (
-        "sd3",
-        F.SD3,
-        "3-medium",
-        "MMDiT 1536 wide (24 joint blocks); text encoders CLIP-L 768 + CLIP-G 1280 + T5 4096",
-    ),
-    "sd3.5-large": (
-        "sd3",
-        F.SD3,
-        "3.5-large",
-        "MMDiT 2432 wide (38 joint blocks); text encoders CLIP-L 768 + CLIP-G 1280 + T5 4096",
-    ),
-    "flux-dev": (
-        "flux",
-        F.FLUX,
-        "dev",
-        "FLUX.1 transformer 3072 wide (double-stream blocks: 19, single-stream: 38) with "
-        "guidance embedding (as FLUX.1 dev); text encoders CLIP-L 768 + T5 4096",
-    ),
-    "flux-schnell": (
-        "flux",
-        F.FLUX,
-        "schnell",
-        "FLUX.1 transformer 3072 wide (double-stream blocks: 19, single-stream: 38) without "
-        "guidance embedding (as FLUX.1 schnell); text encoders CLIP-L 768 + T5 4096",
-    ),
-}
+    "sd2.1": ("sd2", F.SD2, None,
+              "UNet with 1024-wide cross-attention; text encoder OpenCLIP 1024"),
+    "sdxl-base": ("sdxl", F.SDXL, None,
+                  "UNet with 2048-wide cross-attention and size conditioning (label_emb); text "
+                  "encoders CLIP 768 + OpenCLIP 1280"),
+    "sd3-medium": ("sd3", F.SD3, "3-medium", f"MMDiT 1536 wide (24 joint blocks){_SD3_TEXT}"),
+    "sd3.5-large": ("sd3", F.SD3, "3.5-large", f"MMDiT 2432 wide (38 joint blocks){_SD3_TEXT}"),
+    "flux-dev": ("flux", F.FLUX, "dev",
+                 f"{_FLUX_REAL}with guidance embedding (as FLUX.1 dev); text encoders CLIP-L "
+                 "768 + T5 4096"),
+    "flux-schnell": ("flux", F.FLUX, "schnell",
+                     f"{_FLUX_REAL}without guidance embedding (as FLUX.1 schnell); text "
+                     "encoders CLIP-L 768 + T5 4096"),
+}  # fmt: skip
+"""Layout, family, variant and the evidence up to the last width (" wide; VAE" follows)."""
 
 
 @cache
@@ -429,7 +392,8 @@ def test_parts_that_do_not_fit_together_are_unknown(tmp_path: Path) -> None:
     assert refused.value.kind is RefusalKind.UNKNOWN
     assert refused.value.detail == (
         "'franken.safetensors' does not hold together: UNet with 32-wide cross-attention; text "
-        "encoder CLIP 48 wide; VAE, but its CLIP text encoders (48 wide) do not add up to its 32."
+        "encoder CLIP 48 wide; VAE, but its CLIP text encoders (48 wide) do not add up to the 32 "
+        "it reads."
     )
 
 
