@@ -78,13 +78,15 @@ class LoRAFacts(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     format: str | None = Field(
-        default=None, description="Key format: kohya, peft or diffusers_legacy."
+        default=None, description="Key names: kohya, peft, diffusers_legacy or xlabs."
     )
     components: tuple[str, ...] = Field(
         default_factory=tuple,
         description="Model parts it changes: unet, text_encoder, text_encoder_2, transformer.",
     )
-    network_type: str | None = Field(default=None, description="lora, locon or dora.")
+    network_type: str | None = Field(
+        default=None, description="lora, locon, loha, lokr, full or dora (the most specific)."
+    )
     rank: int | None = Field(default=None, description="The most common layer rank.")
     rank_max: int | None = Field(default=None, description="The largest layer rank.")
     alpha: float | None = Field(
@@ -93,7 +95,8 @@ class LoRAFacts(BaseModel):
     base_model: str = Field(
         default="unknown",
         description="Family it was made for, from its shapes: sd1, sd2, sdxl, sd3, flux, tiny "
-        "(the embedded test model) or unknown.",
+        "(the embedded test model), tiny-sd2, tiny-sdxl, tiny-sd3, tiny-flux (the test "
+        "suite's family models) or unknown.",
     )
     base_model_evidence: str | None = Field(
         default=None, description="Why base_model was chosen (layer widths, block names)."

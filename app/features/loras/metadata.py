@@ -268,7 +268,7 @@ def describe_lora(
     metadata = header.metadata
     base = base_model_of(header)
     components = list(inspection.components)
-    if base.family in _MMDIT_FAMILIES:
+    if base.family.architecture in _MMDIT_FAMILIES:
         components = _unique("transformer" if c == "unet" else c for c in components)
     rank, rank_max = _rank(inspection)
     raw, truncated = bounded_metadata(metadata)

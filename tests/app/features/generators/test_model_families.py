@@ -146,6 +146,8 @@ async def test_loras_in_the_family_formats_upload_classify_and_apply(
         info = uploaded.json()
         assert info["base_model"] == TINY_FAMILY[family], (trainer_format, info)
         assert info["compatible"] is True
+        denoiser = "unet" if family in ("sd2", "sdxl") else "transformer"
+        assert denoiser in info["components"], (trainer_format, info["components"])
         loras = [{"lora_id": info["id"], "weight": 1.0}]
         response = await generate(client, loras, **SIZE, seed=4)
         assert response.status_code == 200, response.text
