@@ -53,11 +53,12 @@ async def test_hugging_face_file(
     data = lora_bytes["kohya_unet"]
     remote.hugging_face("someone/detail-lora", HF_FILE, data)
     resolve_url = remote.url("/hf/someone/detail-lora/resolve/main/detail%20tweaker.safetensors")
-    body = {
+    bodies: dict[str, dict[str, Any]] = {
         "reference": {"huggingface": {"repo_id": "someone/detail-lora", "filename": HF_FILE}},
         "blob-url": {"url": resolve_url.replace("/resolve/", "/blob/")},
         "resolve-url": {"url": resolve_url},
-    }[spelling]
+    }
+    body = bodies[spelling]
 
     started = await start_lora_download(client, body)
     assert started["state"] in {"queued", "downloading", "validating"}
