@@ -72,7 +72,7 @@ class GeneratedImage(Base, TimestampMixin):
 
 class LoRAFacts(BaseModel):
     """What a LoRA file is, for the people choosing one: extracted once from the stored copy
-    (``app.features.loras.metadata.describe_lora``), kept whole in ``loras.facts`` and shown
+    (``app.cores.lora_files.metadata.describe_lora``), kept whole in ``loras.facts`` and shown
     as is by the API (``LoRAInfo``). The defaults say "not known"."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")

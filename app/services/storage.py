@@ -64,9 +64,6 @@ class Storage:
     def get_loras_dir(self) -> Path:
         return self.loras_dir
 
-    def get_lora_file_path(self, filename: str) -> Path:
-        return self.loras_dir / filename
-
     # --- generated images ---
 
     def new_image_name(self, index: int) -> str:

@@ -41,7 +41,7 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import save_file
 
-from app.features.loras.safetensors_file import SafetensorsHeader, TensorInfo
+from app.cores.lora_files.safetensors_file import SafetensorsHeader, TensorInfo
 from tests.factories.family_loras import write_family_lora
 from tests.factories.family_models import Family, build_family_pipeline
 

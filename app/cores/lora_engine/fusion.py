@@ -23,9 +23,9 @@ import torch
 from app.cores.lora_engine.backups import BackupPool
 from app.cores.lora_engine.key_mapping import KeyMapper
 from app.cores.lora_engine.layer_math import bias_delta, dora_weight, layer_scale, weight_delta
-from app.cores.lora_engine.layers import LayerKind, Target
 from app.cores.lora_engine.preparation import PreparedLayer, PreparedLoRA
 from app.cores.lora_engine.request import LoRARequest
+from app.cores.lora_files.layers import LayerKind, Target
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from app.cores.lora_engine.layers import Target
 from app.cores.lora_engine.original_names import (
     OriginalName,
     SgmLayout,
@@ -33,6 +32,7 @@ from app.cores.lora_engine.original_names import (
     sgm_layout,
     sgm_name,
 )
+from app.cores.lora_files.layers import Target
 
 __all__ = ["COMPONENTS", "KeyMapper", "component_label"]
 

@@ -1,6 +1,6 @@
 """The weight difference of each LoRA network type, as A1111/Forge and ComfyUI compute it.
 
-Each function reads a :class:`~app.cores.lora_engine.layers.FileLayer` and works in float32 on
+Each function reads a :class:`~app.cores.lora_files.layers.FileLayer` and works in float32 on
 the device it is given, whatever dtype the file stores, so that every kind is applied with the
 same precision. The formulas are the formats' own (LyCORIS defines LoHa, LoKr and Tucker
 LoCon; A1111's ``extensions-builtin/Lora/network_*.py`` and ComfyUI's
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from app.cores.lora_engine.layers import DoRA, DoRAAxis, DoRAStrength, FileLayer, LayerKind
+from app.cores.lora_files.layers import DoRA, DoRAAxis, DoRAStrength, FileLayer, LayerKind
 
 _F32 = torch.float32
 

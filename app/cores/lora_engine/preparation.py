@@ -15,11 +15,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from app.cores.lora_engine.errors import LoRAIncompatibleError
-from app.cores.lora_engine.file_reader import LoRAFileError, read_layers
 from app.cores.lora_engine.key_mapping import KeyMapper
 from app.cores.lora_engine.layer_math import delta_size
-from app.cores.lora_engine.layers import FileLayer, LayerKind, Target
 from app.cores.lora_engine.request import LoRARequest
+from app.cores.lora_files.key_grammar import LoRAFileError, read_layers
+from app.cores.lora_files.layers import FileLayer, LayerKind, Target
 
 __all__ = ["PreparedLayer", "PreparedLoRA", "prepare"]
 

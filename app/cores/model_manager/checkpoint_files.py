@@ -40,13 +40,13 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
+from app.cores.lora_files.safetensors_file import TensorInfo, read_header
 from app.cores.model_manager.model_family import (
     CROSS_ATTENTION_FAMILIES,
     ModelFamily,
     family_from_unet_config,
     transformer_family,
 )
-from app.features.loras.safetensors_file import TensorInfo, read_header
 
 F = ModelFamily
 UNET_PREFIX = "model.diffusion_model."

@@ -5,7 +5,7 @@ Stable Diffusion 1.x model, and the error diffusers gives for it (a size mismatc
 through loading) means nothing to a user. Both sides are therefore classified into the same
 small set of families: the loaded model here, from the configs diffusers read from its folder
 (computed once per load), and each LoRA from its keys and tensor shapes
-(``app.features.loras.base_model``).
+(``app.cores.lora_files.base_model``).
 
 A family is an architecture at one size. Besides the real ones (SD 1.x, SD 2.x, SDXL, SD3,
 FLUX.1) there are the tiny test models, each its own family at the same architecture:

@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from PIL.PngImagePlugin import PngInfo
 
 from app.cores.lora_engine import LoRARequest
+from app.cores.lora_files.hashes import autov3
 from app.features.generators.samplers import list_samplers
 from app.features.generators.schemas import GeneratorConfig
-from app.features.loras.hashes import autov3
 
 _SAMPLER_NAMES = {info.value: info.name for info in list_samplers()}
 # A1111 drops ":" and "," from a LoRA's name in "Lora hashes"; "<" and ">" would also end a

@@ -23,12 +23,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.cores.lora_files.hashes import PayloadHasher, tensor_sha256_of
+from app.cores.lora_files.inspection import inspect_lora_header
+from app.cores.lora_files.inspection_types import InvalidLoRAError, LoRAInspection
+from app.cores.lora_files.metadata import describe_lora
+from app.cores.lora_files.safetensors_file import SafetensorsError, SafetensorsHeader, read_header
 from app.database.models import LoRAFacts
 from app.exceptions import BadRequestError
-from app.features.loras.hashes import PayloadHasher, tensor_sha256_of
-from app.features.loras.lora_inspector import InvalidLoRAError, LoRAInspection, inspect_lora_header
-from app.features.loras.metadata import describe_lora
-from app.features.loras.safetensors_file import SafetensorsError, SafetensorsHeader, read_header
 from app.services.disk_space import disk_full_error, is_disk_full
 from app.validation import control_character_in
 

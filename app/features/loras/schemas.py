@@ -6,9 +6,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
+from app.cores.lora_files.hashes import autov2, autov3
 from app.cores.model_manager.model_family import ModelFamily, is_compatible
 from app.database.models import LoRA, LoRAFacts, LoRASource
-from app.features.loras.hashes import autov2, autov3
 from app.validation import DatabaseId, Number
 
 MAX_LORAS_PER_GENERATION = 5

@@ -15,12 +15,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
 from app.cores.lora_engine import LoRARequest
+from app.cores.lora_files.metadata import clean_text
 from app.cores.model_manager.model_family import ModelFamily, is_compatible
 from app.database import crud, hooks
 from app.database.models import LoRA, LoRASource
 from app.exceptions import BadRequestError, ConflictError, NotFoundError
 from app.features.loras import file_manager
-from app.features.loras.metadata import clean_text
 from app.features.loras.schemas import LoRAConfigItem
 from app.services.storage import Storage
 

@@ -15,8 +15,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.cores.lora_files.hashes import PayloadHasher
 from app.features.loras.file_manager import LORA_EXTENSION, TEMP_PREFIX
-from app.features.loras.hashes import PayloadHasher
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from app.cores.lora_engine import LoRACache, LoRAIncompatibleError, LoRARequest
+from app.cores.lora_files.inspection import inspect_lora_header
+from app.cores.lora_files.inspection_types import LoRAFormat, LoRAInspection
+from app.cores.lora_files.safetensors_file import SafetensorsError, read_header
 from app.cores.model_manager.pipeline_manager import PipelineManager
 from app.exceptions import BadRequestError
-from app.features.loras.lora_inspector import LoRAInspection, inspect_lora_header
-from app.features.loras.lora_types import LoRAFormat
-from app.features.loras.safetensors_file import SafetensorsError, read_header
 from tests.checksums import weights_checksum as checksum
 from tests.factories.lora_files import (
     UNKNOWN_MODULES,

@@ -17,7 +17,7 @@ from app.cores.lora_engine.layer_math import (
     layer_rank,
     weight_delta,
 )
-from app.cores.lora_engine.layers import DoRA, DoRAAxis, DoRAStrength, FileLayer, LayerKind
+from app.cores.lora_files.layers import DoRA, DoRAAxis, DoRAStrength, FileLayer, LayerKind
 
 CPU = torch.device("cpu")
 F64 = torch.float64

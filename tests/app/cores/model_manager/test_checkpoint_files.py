@@ -25,6 +25,7 @@ from diffusers.loaders.single_file_utils import (
     convert_sd3_transformer_checkpoint_to_diffusers,
 )
 
+from app.cores.lora_files.safetensors_file import SafetensorsError, TensorInfo, read_header
 from app.cores.model_manager.checkpoint_files import (
     CheckpointInfo,
     CheckpointRefused,
@@ -33,7 +34,6 @@ from app.cores.model_manager.checkpoint_files import (
     inspect_checkpoint,
 )
 from app.cores.model_manager.model_family import ModelFamily
-from app.features.loras.safetensors_file import SafetensorsError, TensorInfo, read_header
 from tests.app.cores.model_manager.test_model_family import real_pipeline
 from tests.factories.checkpoints import (
     Layout,

@@ -29,7 +29,8 @@ from transformers import (
     T5EncoderModel,
 )
 
-from app.cores.model_manager import model_family
+from app.cores.lora_files.base_model import detect_base_model
+from app.cores.lora_files.safetensors_file import SafetensorsHeader, TensorInfo
 from app.cores.model_manager.model_family import (
     ATTENTION_WIDTHS,
     CROSS_ATTENTION_FAMILIES,
@@ -43,9 +44,6 @@ from app.cores.model_manager.model_family import (
     incompatibility_message,
     is_compatible,
 )
-from app.features.loras import base_model
-from app.features.loras.base_model import detect_base_model
-from app.features.loras.safetensors_file import SafetensorsHeader, TensorInfo
 from tests.factories.family_models import FAMILIES, Family, FamilyModelDir
 
 F = ModelFamily
@@ -209,9 +207,6 @@ def test_incompatibility_message_names_both_families() -> None:
     assert message.startswith(
         "LoRA 'detail tweaker' was made for SDXL; the loaded model is the tiny SDXL test model."
     )
-    # Callers import both from the LoRA side too.
-    assert base_model.is_compatible is model_family.is_compatible
-    assert base_model.incompatibility_message is model_family.incompatibility_message
 
 
 # ---------------------------------------------------------------------------------------------

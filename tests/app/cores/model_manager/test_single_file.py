@@ -15,6 +15,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
+from app.cores.lora_files.safetensors_file import read_header
 from app.cores.model_manager.checkpoint_files import detect_checkpoint
 from app.cores.model_manager.model_family import ModelFamily
 from app.cores.model_manager.single_file import (
@@ -24,7 +25,6 @@ from app.cores.model_manager.single_file import (
     load_single_file,
     pipeline_class,
 )
-from app.features.loras.safetensors_file import read_header
 from tests.factories.checkpoints import write_checkpoint
 from tests.factories.family_models import Family, FamilyModelDir
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from app.cores.lora_engine import LoRACache, LoRAIncompatibleError, LoRARequest
+from app.cores.lora_files.inspection import inspect_lora_header
+from app.cores.lora_files.inspection_types import LoRAInspection
+from app.cores.lora_files.safetensors_file import read_header
 from app.cores.model_manager.pipeline_manager import PipelineManager
-from app.features.loras.lora_inspector import LoRAInspection, inspect_lora_header
-from app.features.loras.safetensors_file import read_header
 from tests.checksums import weights_checksum as checksum
 
 

@@ -16,24 +16,24 @@ import torch
 from diffusers import DiffusionPipeline
 from safetensors.torch import save_file
 
-from app.cores.model_manager.embedded_model import _CROSS_ATTENTION_DIM
-from app.cores.model_manager.model_family import (
-    TINY_CROSS_ATTENTION_DIM,
-    ModelFamily,
-    family_of_pipeline,
-)
-from app.features.loras.base_model import (
+from app.cores.lora_files.base_model import (
     Detection,
     MetadataClaim,
     _lycoris_widths,
     base_model_of,
     conflict_note,
     detect_base_model,
-    is_compatible,
     metadata_claim,
     resolve_base_model,
 )
-from app.features.loras.safetensors_file import SafetensorsHeader, TensorInfo, read_header
+from app.cores.lora_files.safetensors_file import SafetensorsHeader, TensorInfo, read_header
+from app.cores.model_manager.embedded_model import _CROSS_ATTENTION_DIM
+from app.cores.model_manager.model_family import (
+    TINY_CROSS_ATTENTION_DIM,
+    ModelFamily,
+    family_of_pipeline,
+    is_compatible,
+)
 from tests.factories.family_loras import FORMATS, Family, FamilyFormat, Size, write_family_lora
 from tests.factories.family_models import FamilyModelDir
 from tests.factories.lora_files import write_lora, write_unknown_modules, write_wrong_shapes

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from app.features.loras.lora_inspector import InvalidLoRAError, inspect_lora_header
-from app.features.loras.lora_types import LoRAFormat
-from app.features.loras.safetensors_file import read_header
+from app.cores.lora_files.inspection import inspect_lora_header
+from app.cores.lora_files.inspection_types import InvalidLoRAError, LoRAFormat
+from app.cores.lora_files.safetensors_file import read_header
 from tests.app.features.loras.pipeline_checks import (
     assert_refused_untouched,
     has_adapters,

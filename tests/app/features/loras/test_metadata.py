@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from app.config import Settings
-from app.features.loras.hashes import PayloadHasher
-from app.features.loras.metadata import (
+from app.cores.lora_files.hashes import PayloadHasher
+from app.cores.lora_files.metadata import (
     MAX_METADATA_BYTES,
     MAX_VALUE_CHARS,
     bounded_metadata,
@@ -26,7 +26,7 @@ from app.features.loras.metadata import (
     top_tags,
     trigger_words,
 )
-from app.features.loras.safetensors_file import read_header
+from app.cores.lora_files.safetensors_file import read_header
 from tests.api import generate, list_loras, upload, upload_ok
 from tests.checksums import payload_sha256
 from tests.factories.lora_files import write_lora, write_raw_header

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from app.features.loras.safetensors_file import (
+from app.cores.lora_files.safetensors_file import (
     DTYPE_BITS,
     SafetensorsError,
     SafetensorsHeader,

@@ -42,6 +42,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from app.cores.lora_files.safetensors_file import SafetensorsHeader
 from app.cores.model_manager.model_family import (
     ATTENTION_WIDTHS,
     CROSS_ATTENTION_FAMILIES,
@@ -53,11 +54,6 @@ from app.cores.model_manager.model_family import (
     ModelFamily,
     transformer_family,
 )
-from app.cores.model_manager.model_family import (
-    incompatibility_message as incompatibility_message,  # re-exported: callers import it here
-)
-from app.cores.model_manager.model_family import is_compatible as is_compatible
-from app.features.loras.safetensors_file import SafetensorsHeader
 
 F = ModelFamily
 _UNET_FAMILIES = frozenset(f for f in F if f.architecture in (F.SD1, F.SD2, F.SDXL))
@@ -141,7 +137,7 @@ class MetadataClaim:
 
 
 @dataclass(frozen=True)
-class BaseModel:
+class BaseModelVerdict:
     family: ModelFamily
     evidence: str
     claim: MetadataClaim | None
@@ -398,19 +394,19 @@ def metadata_claim(metadata: Mapping[str, str]) -> MetadataClaim | None:
     return None
 
 
-def resolve_base_model(detection: Detection, claim: MetadataClaim | None) -> BaseModel:
+def resolve_base_model(detection: Detection, claim: MetadataClaim | None) -> BaseModelVerdict:
     """The shapes decide; the metadata only chooses among the families they leave open."""
     if detection.family.known or claim is None or claim.family not in detection.candidates:
-        return BaseModel(detection.family, detection.evidence, claim)
+        return BaseModelVerdict(detection.family, detection.evidence, claim)
     evidence = f"{detection.evidence}; chosen by its metadata ({claim.key}: {claim.value})"
-    return BaseModel(claim.family, evidence, claim)
+    return BaseModelVerdict(claim.family, evidence, claim)
 
 
-def base_model_of(header: SafetensorsHeader) -> BaseModel:
+def base_model_of(header: SafetensorsHeader) -> BaseModelVerdict:
     return resolve_base_model(detect_base_model(header), metadata_claim(header.metadata))
 
 
-def conflict_note(base: BaseModel) -> str | None:
+def conflict_note(base: BaseModelVerdict) -> str | None:
     """A sentence for the UI when the metadata and the shapes disagree."""
     claim = base.claim
     if claim is None or not base.conflict:

@@ -16,7 +16,7 @@ Fields and where they come from:
 * ``alpha``: the ``.alpha`` tensors (Kohya), else ``*.lora_alpha`` in diffusers'
   ``lora_adapter_metadata``, else ``ss_network_alpha``; the most common value; None when the
   file stores none (diffusers then uses alpha = rank).
-* ``base_model``: :mod:`app.features.loras.base_model`.
+* ``base_model``: :mod:`app.cores.lora_files.base_model`.
 * ``trigger_words``: explicit fields first (``modelspec.trigger_phrase``, A1111's
   additional-networks ``ssmd_keywords``, a few generic names), else the most frequent caption
   tags of ``ss_tag_frequency`` (``{dataset: {tag: count}}``, counts summed over datasets).
@@ -37,11 +37,11 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from app.cores.lora_files.base_model import base_model_of, conflict_note
+from app.cores.lora_files.inspection_types import LoRAInspection
+from app.cores.lora_files.safetensors_file import SafetensorsHeader
 from app.cores.model_manager.model_family import ModelFamily
 from app.database.models import LoRAFacts
-from app.features.loras.base_model import base_model_of, conflict_note
-from app.features.loras.lora_inspector import LoRAInspection
-from app.features.loras.safetensors_file import SafetensorsHeader
 
 MAX_METADATA_BYTES = 64 * 1024
 """Budget for the raw metadata kept per LoRA (UTF-8 bytes of keys and values)."""

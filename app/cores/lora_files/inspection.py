@@ -1,7 +1,7 @@
 """Classify a LoRA file at upload, from its safetensors header alone (no tensor data read).
 
 :func:`inspect_lora_header` reads the layers with the engine's own key grammar
-(:func:`app.cores.lora_engine.file_reader.read_layers`, on ``meta`` tensors of the header's
+(:func:`app.cores.lora_files.key_grammar.read_layers`, on ``meta`` tensors of the header's
 shapes), so a file accepted here is one the engine reads at generation: the formats and
 network types the engine applies are accepted, everything else is refused with a sentence
 an end user can act on (full checkpoints, embeddings, unrelated files, variants no
@@ -15,10 +15,10 @@ from collections import Counter
 
 import torch
 
-from app.cores.lora_engine.file_reader import LoRAFileError, read_layers, split_key
 from app.cores.lora_engine.layer_math import delta_size, layer_rank
-from app.cores.lora_engine.layers import FileLayer, LayerKind
-from app.features.loras.lora_keys import (
+from app.cores.lora_files.inspection_types import InvalidLoRAError, LoRAInspection, examples
+from app.cores.lora_files.key_grammar import LoRAFileError, read_layers, split_key
+from app.cores.lora_files.key_names import (
     FLOAT_DTYPES,
     TORCH_LOADABLE_DTYPES,
     UNSUPPORTED_VARIANTS,
@@ -27,10 +27,10 @@ from app.features.loras.lora_keys import (
     describe_non_lora,
     key_format,
 )
-from app.features.loras.lora_types import InvalidLoRAError, LoRAInspection, examples
-from app.features.loras.safetensors_file import SafetensorsHeader
+from app.cores.lora_files.layers import FileLayer, LayerKind
+from app.cores.lora_files.safetensors_file import SafetensorsHeader
 
-__all__ = ["InvalidLoRAError", "LoRAInspection", "inspect_lora_header"]
+__all__ = ["inspect_lora_header"]
 
 _TYPE_PRIORITY = ("dora", "lokr", "loha", "full", "locon", "lora")
 """A file's network type is its most specific layer's (LyCORIS files mix kinds)."""

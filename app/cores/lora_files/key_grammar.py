@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from app.cores.lora_engine.layers import ROLES, DoRA, DoRAAxis, DoRAStrength, FileLayer, LayerKind
+from app.cores.lora_files.layers import ROLES, DoRA, DoRAAxis, DoRAStrength, FileLayer, LayerKind
 
 __all__ = ["LORA_ADAPTER_METADATA_KEY", "LoRAFileError", "read_layers", "split_key"]
 

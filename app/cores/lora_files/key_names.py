@@ -1,18 +1,18 @@
 """What the upload check reads from key names alone: formats, components, refusals.
 
 The grammar of the layers themselves (roles, kinds, alphas) is the engine's
-(:mod:`app.cores.lora_engine.file_reader`); this module adds what a user sees about a file
+(:mod:`app.cores.lora_files.key_grammar`); this module adds what a user sees about a file
 before any model is loaded: which naming convention it follows (``format``), which model
 parts it changes (``components``), the LoRA variants no supported path applies, and what a
 file that is not a LoRA probably is. Used by
-:func:`app.features.loras.lora_inspector.inspect_lora_header`.
+:func:`app.cores.lora_files.inspection.inspect_lora_header`.
 """
 
 from __future__ import annotations
 
 import re
 
-from app.features.loras.lora_types import LoRAFormat, examples
+from app.cores.lora_files.inspection_types import LoRAFormat, examples
 
 __all__ = [
     "FLOAT_DTYPES",
