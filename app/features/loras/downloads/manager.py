@@ -32,10 +32,10 @@ from app.exceptions import (
     TooManyRequestsError,
 )
 from app.features.loras import service
-from app.features.loras.downloads import civitai, store
+from app.features.loras.downloads import civitai, ingest
 from app.features.loras.downloads import plan as plans
+from app.features.loras.downloads.download_state import Download
 from app.features.loras.downloads.partial_file import PartialFile
-from app.features.loras.downloads.record import Download
 from app.features.loras.downloads.references import check_token, parse_request, token_in
 from app.features.loras.downloads.schemas import (
     DownloadSource,
@@ -309,10 +309,10 @@ class DownloadManager:
         if download.emitted_bytes != written.size:
             self._emit_progress(download, time.monotonic())
         download.state = DownloadState.VALIDATING
-        store.check_hash(plan, written, transfer.file_name)
-        staged = await store.validate(plan, written, transfer.file_name)
+        ingest.check_hash(plan, written, transfer.file_name)
+        staged = await ingest.validate(plan, written, transfer.file_name)
         download.committing = True
-        row = await store.ingest(
+        row = await ingest.ingest(
             self.session_factory, self.storage, plan, staged, transfer.file_name
         )
         return LoRAInfo.of(row, self.loaded_family())
