@@ -1,6 +1,7 @@
 """Socket.IO events, broadcast to every connected UI, in the order they were emitted.
 
-Diffusers work runs in worker threads, so ``emit`` is thread-safe and never blocks: it puts
+The events and their payloads are defined in ``socket_events``. Diffusers work runs in worker
+threads, so ``emit`` is thread-safe and never blocks: it puts
 the event on a queue that one task on the event loop drains. One consumer keeps the order.
 
 Listeners (``add_listener``) see each event synchronously, in the emitting thread, before it
@@ -17,6 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 import socketio
+
+from app.services.socket_events import SocketEvent
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +58,9 @@ class EventEmitter:
         self._task = None
         self._loop = None
 
-    def emit(self, event: str, payload: Payload) -> None:
-        """Queue ``event`` for every client; callable from any thread."""
+    def emit(self, socket_event: SocketEvent) -> None:
+        """Queue ``socket_event`` for every client; callable from any thread."""
+        event, payload = socket_event.name, socket_event.payload()
         for listener in self._listeners:
             try:
                 listener(event, payload)

@@ -34,8 +34,17 @@ from app.cores.model_manager.pipeline_manager import LoadCancelledError, Pipelin
 from app.cores.model_manager.placement import dtype_for, pipeline_class
 from app.exceptions import AppError, NoModelLoadedError
 from app.services.events import EventEmitter
+from app.services.socket_events import (
+    ModelLoadCompleted,
+    ModelLoadFailed,
+    ModelLoadProgress,
+    ModelLoadStarted,
+)
 
 logger = logging.getLogger(__name__)
+
+LOAD_STEPS = 8
+"""A load reports this many ``model_load_progress`` checkpoints (``PipelineManager.load``)."""
 
 T = TypeVar("T")
 
@@ -192,19 +201,10 @@ class ModelManager:
             target = device_for_load()
             device = target.device
             emit = self._events.emit
-            emit("model_load_started", {"model_id": model_id})
+            emit(ModelLoadStarted(model_id))
 
             def progress(step: int, phase: str, message: str) -> None:
-                emit(
-                    "model_load_progress",
-                    {
-                        "model_id": model_id,
-                        "step": step,
-                        "total": 8,
-                        "phase": phase,
-                        "message": message,
-                    },
-                )
+                emit(ModelLoadProgress(model_id, step, LOAD_STEPS, phase, message))
 
             try:
                 pipeline = PipelineManager.load(
@@ -222,7 +222,7 @@ class ModelManager:
                 return None
             except Exception as error:
                 logger.exception("Loading %s failed", model_id)
-                emit("model_load_failed", {"model_id": model_id, "error": str(error)})
+                emit(ModelLoadFailed(model_id, str(error)))
                 raise ModelLoadError(f"Failed to load model {model_id}: {error}") from error
             if epoch != self._epoch:
                 pipeline.close()
@@ -236,7 +236,7 @@ class ModelManager:
                 pipeline.family_evidence,
             )
             logger.info("Loaded %s on %s", model_id, device)
-            emit("model_load_completed", {"model_id": model_id})
+            emit(ModelLoadCompleted(model_id))
             return self._loaded
 
     def forget_lora(self, cache_key: str) -> None:

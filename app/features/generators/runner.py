@@ -20,6 +20,7 @@ from app.features.generators.previews import latents_to_preview_pngs, preview_fo
 from app.features.generators.samplers import make_scheduler
 from app.features.generators.schemas import GeneratorConfig
 from app.services.events import EventEmitter
+from app.services.socket_events import GenerationPhase, ImageGenerationStepEnd
 
 PHASE_IMAGE_GENERATION = "image_generation"
 PHASE_UPSCALING = "upscaling"
@@ -163,15 +164,7 @@ def _generate(
 
     def on_step(step: int, timestep: float, latents: torch.Tensor) -> None:
         for index, preview in enumerate(latents_to_preview_pngs(latents, preview_map)):
-            events.emit(
-                "image_generation_step_end",
-                {
-                    "index": index,
-                    "current_step": step,
-                    "timestep": timestep,
-                    "image_base64": preview,
-                },
-            )
+            events.emit(ImageGenerationStepEnd(index, step, timestep, preview))
 
     output = pipeline.text_to_image(
         _params(pipeline, plan, config.steps),
@@ -180,6 +173,6 @@ def _generate(
         on_step,
     )
     if config.hires_fix is not None:
-        events.emit("generation_phase", {"phases": plan.phases, "current": PHASE_UPSCALING})
+        events.emit(GenerationPhase(plan.phases, PHASE_UPSCALING))
         output = _hires_pass(pipeline, plan, output)
     return output

@@ -41,6 +41,7 @@ from app.features.loras import file_manager
 from app.features.loras import service as loras_service
 from app.services.disk_space import disk_full_error, is_disk_full
 from app.services.events import EventEmitter
+from app.services.socket_events import GenerationPhase
 from app.services.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ def _pinned(storage: Storage, selections: list[LoRARequest]) -> Iterator[tuple[L
 
 
 async def _run(models: ModelManager, events: EventEmitter, plan: GenerationPlan) -> GenerationRun:
-    events.emit("generation_phase", {"phases": plan.phases, "current": PHASE_IMAGE_GENERATION})
+    events.emit(GenerationPhase(plan.phases, PHASE_IMAGE_GENERATION))
     try:
         return await models.run(partial(run_generation, plan=plan, events=events))
     except AppError:
@@ -139,7 +140,7 @@ async def _run(models: ModelManager, events: EventEmitter, plan: GenerationPlan)
         logger.exception("Generation failed")
         raise GenerationError(f"Generation failed ({type(error).__name__}): {error}") from error
     finally:
-        events.emit("generation_phase", {"phases": plan.phases, "current": PHASE_COMPLETED})
+        events.emit(GenerationPhase(plan.phases, PHASE_COMPLETED))
 
 
 async def generate(

@@ -45,6 +45,12 @@ from app.features.hub.repo_fetch import FileFetch, FileSource, OnBytes
 from app.services.disk_space import disk_full_error, is_disk_full
 from app.services.events import EventEmitter
 from app.services.remote_files import DownloadError, Target
+from app.services.socket_events import (
+    DownloadCancelled,
+    DownloadCompleted,
+    DownloadFailed,
+    DownloadStart,
+)
 from app.services.storage import Storage
 from app.services.transfer_limits import Limits, Watchdog
 from app.services.worker_threads import in_thread
@@ -146,25 +152,22 @@ class ModelDownloads:
     # --- the work ---------------------------------------------------------------------
 
     async def _run(self, model_id: str, token: str | None) -> DownloadedRepo:
-        self.events.emit("download_start", {"model_id": model_id})
+        self.events.emit(DownloadStart(model_id))
         folder = self.storage.models_dir / f"{DOWNLOAD_PREFIX}{uuid.uuid4().hex}"
         try:
             done = await self._fetch_and_register(model_id, token, folder)
         except asyncio.CancelledError:
             await in_thread(shutil.rmtree, folder, True)
-            self.events.emit("download_cancelled", {"model_id": model_id})
+            self.events.emit(DownloadCancelled(model_id))
             raise
         except BaseException as error:
             await in_thread(shutil.rmtree, folder, True)
             failure = self._as_app_error(error, model_id)
-            self.events.emit("download_failed", {"model_id": model_id, "detail": failure.detail})
+            self.events.emit(DownloadFailed(model_id, failure.detail))
             if failure is error:
                 raise
             raise failure from error
-        self.events.emit(
-            "download_completed",
-            {"model_id": model_id, "path": str(done.path), "message": done.message},
-        )
+        self.events.emit(DownloadCompleted(model_id, str(done.path), done.message))
         return done
 
     def _as_app_error(self, error: BaseException, model_id: str) -> AppError:

@@ -13,6 +13,7 @@ from typing import Literal
 
 from app.features.hub.file_plan import RepoFile, RepoPlan
 from app.services.events import EventEmitter
+from app.services.socket_events import DownloadStepProgress
 
 PROGRESS_INTERVAL = 0.5
 Phase = Literal["init", "chunk", "file_start", "file_complete", "size_update", "complete"]
@@ -65,14 +66,13 @@ class DownloadProgress:
         self._emitted_at = self.clock()
         self.reported = max(self.reported, self.bytes_done + self.current_bytes)
         self.events.emit(
-            "download_step_progress",
-            {
-                "model_id": self.model_id,
-                "step": self.files_done,
-                "total": self.total_files,
-                "downloaded_size": self.reported,
-                "total_downloaded_size": self.total_bytes,
-                "phase": phase,
-                "current_file": self.current_file,
-            },
+            DownloadStepProgress(
+                model_id=self.model_id,
+                step=self.files_done,
+                total=self.total_files,
+                downloaded_size=self.reported,
+                total_downloaded_size=self.total_bytes,
+                phase=phase,
+                current_file=self.current_file,
+            )
         )

@@ -47,6 +47,13 @@ from app.features.loras.schemas import LoRAInfo
 from app.services.disk_space import disk_full_error, is_disk_full
 from app.services.events import EventEmitter
 from app.services.remote_files import DownloadError, RetryPolicy, lookup_timed_out
+from app.services.socket_events import (
+    LoRADownloadCancelled,
+    LoRADownloadCompleted,
+    LoRADownloadFailed,
+    LoRADownloadProgress,
+    LoRADownloadStarted,
+)
 from app.services.storage import Storage
 from app.services.transfer_limits import Limits
 from app.services.worker_threads import in_thread
@@ -193,10 +200,7 @@ class DownloadManager:
         download = Download(uuid.uuid4().hex[:12], source, url, file_name, plan=plan)
         self._downloads[download.id] = download
         self._prune()
-        self.events.emit(
-            "lora_download_started",
-            {"download_id": download.id, "source": source.value, "file_name": file_name},
-        )
+        self.events.emit(LoRADownloadStarted(download.id, source.value, file_name))
         return download
 
     def _prune(self) -> None:
@@ -215,12 +219,12 @@ class DownloadManager:
         download.state, download.lora, download.detail = state, lora, detail
         download.finished_at = utc_now()
         download.committing = False
-        payload: dict[str, object] = {"download_id": download.id}
         if lora is not None:
-            payload["lora"] = lora.model_dump(mode="json")
-        if detail is not None:
-            payload["detail"] = detail
-        self.events.emit(f"lora_download_{state.value}", payload)
+            self.events.emit(LoRADownloadCompleted(download.id, lora.model_dump(mode="json")))
+        elif state is DownloadState.CANCELLED:
+            self.events.emit(LoRADownloadCancelled(download.id))
+        else:
+            self.events.emit(LoRADownloadFailed(download.id, detail or "The download failed."))
         self._prune()
 
     def _cancelled_before_start(self, download: Download) -> None:
@@ -247,12 +251,7 @@ class DownloadManager:
     def _emit_progress(self, download: Download, now: float) -> None:
         download.emitted_at, download.emitted_bytes = now, download.bytes_done
         self.events.emit(
-            "lora_download_progress",
-            {
-                "download_id": download.id,
-                "bytes_done": download.bytes_done,
-                "bytes_total": download.bytes_total,
-            },
+            LoRADownloadProgress(download.id, download.bytes_done, download.bytes_total)
         )
 
     # --- the work ---------------------------------------------------------------------
