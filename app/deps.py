@@ -21,8 +21,8 @@ from app.database import hooks
 from app.features.hub.downloads import ModelDownloads
 from app.features.hub.hub_client import HubClient
 from app.features.loras.downloads.manager import DownloadManager
-from app.services.events import EventEmitter
-from app.services.storage import Storage
+from app.platform.events import EventEmitter
+from app.platform.storage import Storage
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.exceptions import AppError
-from app.services.disk_space import disk_full_error, is_disk_full
+from app.platform.disk_space import disk_full_error, is_disk_full
 
 logger = logging.getLogger(__name__)
 

@@ -42,9 +42,9 @@ from app.http import (
     app_error_handler,
 )
 from app.logging_setup import configure_logging
+from app.platform.events import EventEmitter
+from app.platform.storage import GENERATED_IMAGES_URL_PREFIX, Storage
 from app.security import AccessPolicy, LocalAccessGuard
-from app.services.events import EventEmitter
-from app.services.storage import GENERATED_IMAGES_URL_PREFIX, Storage
 
 logger = logging.getLogger(__name__)
 

@@ -74,7 +74,7 @@ from app.features.config.schemas import UserConfig
 from app.features.generators.runner import GenerationPlan, check_memory, run_generation
 from app.features.generators.schemas import GeneratorConfig
 from app.logging_setup import configure_logging
-from app.services.events import EventEmitter
+from app.platform.events import EventEmitter
 from benchmarks.measure import MiB, progress
 from benchmarks.models import MODELS, load_manager, prepare_model
 from benchmarks.peak_memory import peak_on_cpu, peak_on_cuda

@@ -33,8 +33,8 @@ from app.cores.model_manager.model_family import ModelFamily
 from app.cores.model_manager.pipeline_manager import LoadCancelledError, PipelineManager
 from app.cores.model_manager.placement import dtype_for, pipeline_class
 from app.exceptions import AppError, NoModelLoadedError
-from app.services.events import EventEmitter
-from app.services.socket_events import (
+from app.platform.events import EventEmitter
+from app.platform.socket_events import (
     ModelLoadCompleted,
     ModelLoadFailed,
     ModelLoadProgress,

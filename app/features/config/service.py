@@ -9,7 +9,7 @@ from app.exceptions import BadRequestError
 from app.features.config.schemas import CPU_DEVICE, NEVER_CONFIGURED, BackendConfig, UserConfig
 from app.features.config.upscalers import upscaler_sections
 from app.features.hardware.service import list_gpus, total_ram
-from app.services.storage import Storage
+from app.platform.storage import Storage
 
 
 def read_user_config(storage: Storage) -> UserConfig:

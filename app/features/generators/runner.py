@@ -19,8 +19,8 @@ from app.features.config.upscalers import PIL_RESAMPLING
 from app.features.generators.previews import latents_to_preview_pngs, preview_for
 from app.features.generators.samplers import make_scheduler
 from app.features.generators.schemas import GeneratorConfig
-from app.services.events import EventEmitter
-from app.services.socket_events import GenerationPhase, ImageGenerationStepEnd
+from app.platform.events import EventEmitter
+from app.platform.socket_events import GenerationPhase, ImageGenerationStepEnd
 
 PHASE_IMAGE_GENERATION = "image_generation"
 PHASE_UPSCALING = "upscaling"

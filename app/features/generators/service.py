@@ -39,10 +39,10 @@ from app.features.generators.schemas import (
 )
 from app.features.loras import file_manager
 from app.features.loras import service as loras_service
-from app.services.disk_space import disk_full_error, is_disk_full
-from app.services.events import EventEmitter
-from app.services.socket_events import GenerationPhase
-from app.services.storage import Storage
+from app.platform.disk_space import disk_full_error, is_disk_full
+from app.platform.events import EventEmitter
+from app.platform.socket_events import GenerationPhase
+from app.platform.storage import Storage
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from app.database import crud, hooks
 from app.database.models import History
 from app.exceptions import NoModelLoadedError, NotFoundError
 from app.features.generators.schemas import GeneratorConfig
-from app.services.storage import Storage
+from app.platform.storage import Storage
 
 logger = logging.getLogger(__name__)
 

@@ -42,18 +42,18 @@ from app.features.hub.file_plan import (
 from app.features.hub.hub_client import HubClient, hub_error
 from app.features.hub.progress import DownloadProgress
 from app.features.hub.repo_fetch import FileFetch, FileSource, OnBytes
-from app.services.disk_space import disk_full_error, is_disk_full
-from app.services.events import EventEmitter
-from app.services.remote_files import DownloadError, Target
-from app.services.socket_events import (
+from app.platform.disk_space import disk_full_error, is_disk_full
+from app.platform.events import EventEmitter
+from app.platform.remote_files import DownloadError, Target
+from app.platform.socket_events import (
     DownloadCancelled,
     DownloadCompleted,
     DownloadFailed,
     DownloadStart,
 )
-from app.services.storage import Storage
-from app.services.transfer_limits import Limits, Watchdog
-from app.services.worker_threads import in_thread
+from app.platform.storage import Storage
+from app.platform.transfer_limits import Limits, Watchdog
+from app.platform.worker_threads import in_thread
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The Hugging Face Hub's model API, through our own HTTP client.
 
 ``huggingface_hub`` parses the answers (``ModelInfo``) and spells the file URLs
-(``hf_hub_url``); the requests themselves go through :mod:`app.services.remote_files`, which
+(``hf_hub_url``); the requests themselves go through :mod:`app.platform.remote_files`, which
 bounds time and size, retries dropped connections, keeps a token to its site and words every
 failure for the user (huggingface_hub's own calls block a thread with their own timeouts
 and cannot be cancelled).
@@ -27,7 +27,7 @@ from app.exceptions import (
 )
 from app.features.hub.schemas import SearchSort
 from app.features.loras.downloads.references import check_token
-from app.services.remote_files import (
+from app.platform.remote_files import (
     DownloadError,
     RetryPolicy,
     Target,

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from typing import Literal
 
 from app.features.hub.file_plan import RepoFile, RepoPlan
-from app.services.events import EventEmitter
-from app.services.socket_events import DownloadStepProgress
+from app.platform.events import EventEmitter
+from app.platform.socket_events import DownloadStepProgress
 
 PROGRESS_INTERVAL = 0.5
 Phase = Literal["init", "chunk", "file_start", "file_complete", "size_update", "complete"]

@@ -47,7 +47,7 @@ from app.features.hub.schemas import (
     RecommendedModel,
     SectionId,
 )
-from app.services.storage import Storage
+from app.platform.storage import Storage
 
 CATALOGUE_FILE = Path(__file__).with_name("catalogue.json")
 FLOAT32_FACTOR = 2

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from app.features.hub.file_plan import RepoFile, plain_index
-from app.services.remote_files import (
+from app.platform.remote_files import (
     RETRYABLE_ERRORS,
     DownloadError,
     RetryableStatus,
@@ -29,8 +29,8 @@ from app.services.remote_files import (
     network_error,
     open_stream,
 )
-from app.services.transfer_limits import Watchdog
-from app.services.worker_threads import in_thread
+from app.platform.transfer_limits import Watchdog
+from app.platform.worker_threads import in_thread
 
 FLUSH_BYTES = 1024 * 1024
 _CONTENT_RANGE = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$", re.IGNORECASE)

@@ -30,7 +30,7 @@ from app.cores.lora_files.metadata import describe_lora
 from app.cores.lora_files.safetensors_file import SafetensorsError, SafetensorsHeader, read_header
 from app.database.models import LoRAFacts
 from app.exceptions import BadRequestError
-from app.services.disk_space import disk_full_error, is_disk_full
+from app.platform.disk_space import disk_full_error, is_disk_full
 from app.validation import control_character_in
 
 logger = logging.getLogger(__name__)

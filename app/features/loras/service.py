@@ -22,7 +22,7 @@ from app.database.models import LoRA, LoRASource
 from app.exceptions import BadRequestError, ConflictError, NotFoundError
 from app.features.loras import file_manager
 from app.features.loras.schemas import LoRAConfigItem
-from app.services.storage import Storage
+from app.platform.storage import Storage
 
 logger = logging.getLogger(__name__)
 

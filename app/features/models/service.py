@@ -22,7 +22,7 @@ from app.database.models import DownloadedModel
 from app.exceptions import BadRequestError, ConflictError, NotFoundError
 from app.features.config.service import read_user_config
 from app.features.models.schemas import LoadModelResponse
-from app.services.storage import Storage
+from app.platform.storage import Storage
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import httpx
 from app.cores.lora_files.metadata import MAX_TITLE_CHARS, MAX_WORD_CHARS, clean_text
 from app.exceptions import BadRequestError
 from app.features.loras.downloads.references import CivitAIRef, check_url
-from app.services.remote_files import DownloadError, RetryPolicy, Target, get_json
+from app.platform.remote_files import DownloadError, RetryPolicy, Target, get_json
 
 SERVICE = "CivitAI"
 LORA_TYPES = frozenset({"lora", "locon", "dora", "lycoris"})

@@ -11,9 +11,9 @@ from app.database.models import LoRA, LoRASource
 from app.features.loras import file_manager, service
 from app.features.loras.downloads.partial_file import Written
 from app.features.loras.downloads.plan import Plan
-from app.services.remote_files import DownloadError
-from app.services.storage import Storage
-from app.services.worker_threads import in_thread
+from app.platform.remote_files import DownloadError
+from app.platform.storage import Storage
+from app.platform.worker_threads import in_thread
 
 
 def check_hash(plan: Plan, written: Written, file_name: str) -> None:

@@ -44,19 +44,19 @@ from app.features.loras.downloads.schemas import (
 )
 from app.features.loras.downloads.transfer import Transfer
 from app.features.loras.schemas import LoRAInfo
-from app.services.disk_space import disk_full_error, is_disk_full
-from app.services.events import EventEmitter
-from app.services.remote_files import DownloadError, RetryPolicy, lookup_timed_out
-from app.services.socket_events import (
+from app.platform.disk_space import disk_full_error, is_disk_full
+from app.platform.events import EventEmitter
+from app.platform.remote_files import DownloadError, RetryPolicy, lookup_timed_out
+from app.platform.socket_events import (
     LoRADownloadCancelled,
     LoRADownloadCompleted,
     LoRADownloadFailed,
     LoRADownloadProgress,
     LoRADownloadStarted,
 )
-from app.services.storage import Storage
-from app.services.transfer_limits import Limits
-from app.services.worker_threads import in_thread
+from app.platform.storage import Storage
+from app.platform.transfer_limits import Limits
+from app.platform.worker_threads import in_thread
 
 logger = logging.getLogger(__name__)
 

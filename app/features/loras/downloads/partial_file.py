@@ -2,7 +2,7 @@
 
 Its name starts with ``file_manager.TEMP_PREFIX``, so a crash leaves nothing that start-up
 does not remove. The methods block (disk I/O, hashing): call them through
-:func:`app.services.worker_threads.in_thread`, which never lets a cancellation overtake a
+:func:`app.platform.worker_threads.in_thread`, which never lets a cancellation overtake a
 write in progress.
 """
 

@@ -18,7 +18,7 @@ from app.features.loras.downloads.references import (
     public_url,
 )
 from app.features.loras.downloads.schemas import DownloadSource
-from app.services.remote_files import RetryPolicy, Target
+from app.platform.remote_files import RetryPolicy, Target
 
 HUGGING_FACE = "Hugging Face"
 

@@ -22,7 +22,7 @@ import httpx
 from app.features.loras import file_manager
 from app.features.loras.downloads.partial_file import PartialFile
 from app.features.loras.downloads.plan import Plan
-from app.services.remote_files import (
+from app.platform.remote_files import (
     RETRYABLE_ERRORS,
     DownloadError,
     RetryableStatus,
@@ -31,8 +31,8 @@ from app.services.remote_files import (
     network_error,
     open_stream,
 )
-from app.services.transfer_limits import Limits, Watchdog
-from app.services.worker_threads import in_thread
+from app.platform.transfer_limits import Limits, Watchdog
+from app.platform.worker_threads import in_thread
 
 FLUSH_BYTES = 1024 * 1024
 _CONTENT_RANGE = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$", re.IGNORECASE)

@@ -18,7 +18,7 @@ from app.features.loras.downloads.references import (
 )
 from app.features.loras.downloads.schemas import LoRADownloadRequest
 from app.features.loras.downloads.transfer import _disposition_name
-from app.services.remote_files import Target, network_error, status_error
+from app.platform.remote_files import Target, network_error, status_error
 
 DEFAULTS = Settings()
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import socketio
 
-from app.services.socket_events import SocketEvent
+from app.platform.socket_events import SocketEvent
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from app.config import EMBEDDED_MODEL_ID, Settings
-from app.services.disk_space import disk_full_error, is_disk_full
+from app.platform.disk_space import disk_full_error, is_disk_full
 
 GENERATED_IMAGES_URL_PREFIX = "static/generated_images"
 TEMP_PREFIX = ".tmp-"

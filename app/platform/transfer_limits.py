@@ -22,7 +22,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from app.config import Settings
-from app.services.remote_files import DownloadError
+from app.platform.remote_files import DownloadError
 
 STALL_FLOOR = 64 * 1024
 """Bytes that must arrive in every stall window: 0.5 KiB/s at the default 120 s, which any
