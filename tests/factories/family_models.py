@@ -53,7 +53,7 @@ from transformers import (
     CLIPTokenizer,
     T5Config,
     T5EncoderModel,
-    T5TokenizerFast,
+    T5Tokenizer,  # transformers 5's T5TokenizerFast is an alias of it, and untyped
 )
 
 from app.cores.model_manager.embedded_model import build_embedded_model, write_tokenizer
@@ -110,7 +110,8 @@ def _clip_tokenizer(scratch: Path) -> CLIPTokenizer:
     folder = scratch / "clip-tokenizer"
     if not folder.exists():
         write_tokenizer(folder)  # the embedded model's offline byte-level tokenizer
-    return CLIPTokenizer.from_pretrained(str(folder))
+    tokenizer: CLIPTokenizer = CLIPTokenizer.from_pretrained(str(folder))
+    return tokenizer
 
 
 def write_t5_tokenizer(folder: Path) -> None:
@@ -122,15 +123,16 @@ def write_t5_tokenizer(folder: Path) -> None:
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -5.0)]
     pieces += [("▁" + character, -3.0) for character in characters]
     pieces += [(character, -4.0) for character in characters]
-    tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=T5_MAX_LENGTH)
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=T5_MAX_LENGTH)
     tokenizer.save_pretrained(str(folder))
 
 
-def _t5_tokenizer(scratch: Path) -> T5TokenizerFast:
+def _t5_tokenizer(scratch: Path) -> T5Tokenizer:
     folder = scratch / "t5-tokenizer"
     if not folder.exists():
         write_t5_tokenizer(folder)
-    return T5TokenizerFast.from_pretrained(str(folder))
+    tokenizer: T5Tokenizer = T5Tokenizer.from_pretrained(str(folder))
+    return tokenizer
 
 
 # --- shared parts -------------------------------------------------------------------------
@@ -153,9 +155,11 @@ def _clip_config(width: int, *, hidden_act: str = "quick_gelu") -> CLIPTextConfi
 
 
 def _t5_encoder(vocab_size: int) -> T5EncoderModel:
-    # T5 v1.1 (gated GELU, no tied embeddings) as SD3 and FLUX use, tiny.
+    # T5 v1.1 (gated GELU, no tied embeddings) as SD3 and FLUX use, tiny. T5Config takes
+    # ``tie_word_embeddings`` and ``decoder_start_token_id`` through the ``**kwargs`` its
+    # dataclass accepts at runtime but does not declare to type checkers.
     return T5EncoderModel(
-        T5Config(
+        T5Config(  # type: ignore[call-arg]
             vocab_size=vocab_size,
             d_model=T5_WIDTH,
             d_kv=16,

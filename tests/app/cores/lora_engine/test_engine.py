@@ -69,8 +69,10 @@ class LoadCounter:
         pipeline.load_lora_weights = counting
 
 
+# Pipelines are typed ``Any``: diffusers leaves most of a pipeline's attributes (its components,
+# the LoRA loader's methods, ``__call__``) unannotated.
 @pytest.fixture
-def files(tmp_path: Path, tiny_pipeline: StableDiffusionPipeline) -> dict[str, Path]:
+def files(tmp_path: Path, tiny_pipeline: Any) -> dict[str, Path]:
     def make(name: str, **options: Any) -> Path:
         return write_lora(tmp_path / f"{name}.safetensors", tiny_pipeline, **options)
 
@@ -92,7 +94,7 @@ def files(tmp_path: Path, tiny_pipeline: StableDiffusionPipeline) -> dict[str, P
 
 @pytest.mark.parametrize("name", ["kohya_half_alpha", "peft_unet", "peft_full", "locon"])
 def test_fused_matches_diffusers_adapters(
-    tiny_pipeline: StableDiffusionPipeline, files: dict[str, Path], name: str
+    tiny_pipeline: Any, files: dict[str, Path], name: str
 ) -> None:
     fast, plan = manager(tiny_pipeline), manager(tiny_pipeline, max_count=0)
     requests = [request(files[name], 0.8)]
@@ -106,7 +108,7 @@ def test_fused_matches_diffusers_adapters(
 
 
 def test_five_weighted_loras_match_diffusers_adapters(
-    tiny_pipeline: StableDiffusionPipeline, files: dict[str, Path]
+    tiny_pipeline: Any, files: dict[str, Path]
 ) -> None:
     requests = [
         request(path, weight, index)
@@ -122,9 +124,7 @@ def test_five_weighted_loras_match_diffusers_adapters(
     assert loads.calls == 5
 
 
-def test_weights_are_restored_bit_for_bit(
-    tiny_pipeline: StableDiffusionPipeline, files: dict[str, Path]
-) -> None:
+def test_weights_are_restored_bit_for_bit(tiny_pipeline: Any, files: dict[str, Path]) -> None:
     fast = manager(tiny_pipeline)
     before, base = weights_checksum(fast.pipeline), render(fast)
     for _ in range(3):
@@ -134,7 +134,7 @@ def test_weights_are_restored_bit_for_bit(
 
 
 def test_weights_are_restored_when_the_generation_raises(
-    tiny_pipeline: StableDiffusionPipeline, files: dict[str, Path]
+    tiny_pipeline: Any, files: dict[str, Path]
 ) -> None:
     fast = manager(tiny_pipeline)
     before = weights_checksum(fast.pipeline)
@@ -152,7 +152,7 @@ def test_weights_are_restored_when_the_generation_raises(
 
 
 def test_weight_zero_everywhere_gives_the_base_image(
-    tiny_pipeline: StableDiffusionPipeline, files: dict[str, Path]
+    tiny_pipeline: Any, files: dict[str, Path]
 ) -> None:
     fast = manager(tiny_pipeline)
     base = render(fast)
@@ -160,7 +160,7 @@ def test_weight_zero_everywhere_gives_the_base_image(
 
 
 def test_no_cross_talk_between_requests(
-    tiny_pipeline: StableDiffusionPipeline,
+    tiny_pipeline: Any,
     embedded_model_dir: Path,
     files: dict[str, Path],
 ) -> None:
@@ -174,7 +174,7 @@ def test_no_cross_talk_between_requests(
 
 
 def test_cache_keeps_the_most_recently_used_within_its_count(
-    tiny_pipeline: StableDiffusionPipeline, files: dict[str, Path]
+    tiny_pipeline: Any, files: dict[str, Path]
 ) -> None:
     fast = manager(tiny_pipeline, max_count=2)
     a, b, c = files["peft_unet"], files["kohya_unet"], files["locon"]
@@ -186,7 +186,7 @@ def test_cache_keeps_the_most_recently_used_within_its_count(
 
 
 def test_cache_never_evicts_what_the_request_uses(
-    tiny_pipeline: StableDiffusionPipeline, files: dict[str, Path]
+    tiny_pipeline: Any, files: dict[str, Path]
 ) -> None:
     fast = manager(tiny_pipeline, max_bytes=1)  # everything is over budget
     requests = [request(files["peft_unet"]), request(files["kohya_unet"], index=2)]
@@ -197,9 +197,7 @@ def test_cache_never_evicts_what_the_request_uses(
     assert np.array_equal(render(fast, requests), fused_image)
 
 
-def test_a_prepared_lora_is_not_read_again(
-    tiny_pipeline: StableDiffusionPipeline, files: dict[str, Path]
-) -> None:
+def test_a_prepared_lora_is_not_read_again(tiny_pipeline: Any, files: dict[str, Path]) -> None:
     fast = manager(tiny_pipeline)
     path = files["peft_full"]
     first = render(fast, [request(path)])
@@ -215,7 +213,7 @@ def test_a_prepared_lora_is_not_read_again(
 
 
 def test_cache_disabled_is_plan_006_load_and_unload(
-    tiny_pipeline: StableDiffusionPipeline,
+    tiny_pipeline: Any,
     files: dict[str, Path],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -239,7 +237,7 @@ def test_cache_disabled_is_plan_006_load_and_unload(
 
 
 def test_cache_disabled_fuses_what_diffusers_would_load_differently(
-    tiny_pipeline: StableDiffusionPipeline,
+    tiny_pipeline: Any,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -263,7 +261,7 @@ def test_cache_disabled_fuses_what_diffusers_would_load_differently(
 @pytest.mark.parametrize("weight", [1.0, 0.5])
 @pytest.mark.parametrize("include_conv", [False, True], ids=["attention", "with-conv"])
 def test_fused_dora_matches_diffusers_dora_adapter(
-    tiny_pipeline: StableDiffusionPipeline, tmp_path: Path, weight: float, include_conv: bool
+    tiny_pipeline: Any, tmp_path: Path, weight: float, include_conv: bool
 ) -> None:
     """PEFT DoRA (``lora_magnitude_vector``): the engine's fusion gives diffusers' image, the
     user's weight entering inside the norm as in PEFT (``DoRAStrength.INSIDE``)."""
@@ -299,7 +297,8 @@ def _two_layer_lora(path: Path, pipeline: Any, alphas: tuple[float, float]) -> l
     returns (module, alpha / rank * up @ down) per layer."""
     targets = lora_targets(pipeline, ("unet",), targets=("to_q",))[:2]
     generator = torch.Generator().manual_seed(3)
-    tensors, expected = {}, []
+    tensors: dict[str, torch.Tensor] = {}
+    expected: list[Any] = []
     for target, alpha in zip(targets, alphas, strict=True):
         down = torch.randn(4, target.in_features, generator=generator) * 0.2
         up = torch.randn(target.out_features, 4, generator=generator) * 0.2
@@ -311,9 +310,7 @@ def _two_layer_lora(path: Path, pipeline: Any, alphas: tuple[float, float]) -> l
     return expected
 
 
-def test_each_layer_gets_its_own_alpha(
-    tiny_pipeline: StableDiffusionPipeline, tmp_path: Path
-) -> None:
+def test_each_layer_gets_its_own_alpha(tiny_pipeline: Any, tmp_path: Path) -> None:
     path = tmp_path / "alphas.safetensors"
     layers = _two_layer_lora(path, tiny_pipeline, alphas=(1.0, 8.0))  # scales 0.25 and 2
     bases = [module.weight.detach().clone() for module, _ in layers]
@@ -326,7 +323,7 @@ def test_each_layer_gets_its_own_alpha(
 
 
 def test_per_layer_alphas_with_the_cache_off_as_with_it_on(
-    tiny_pipeline: StableDiffusionPipeline, tmp_path: Path
+    tiny_pipeline: Any, tmp_path: Path
 ) -> None:
     """Plan 006's path gives the same image (diffusers 0.42.1 itself applies the most common
     alpha of a Kohya file to every layer)."""

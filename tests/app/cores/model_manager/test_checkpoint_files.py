@@ -9,6 +9,7 @@ map (headers only: real key names and shapes, no weights), and what users offer 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,6 +38,7 @@ from app.cores.model_manager.model_family import ModelFamily
 from tests.app.cores.model_manager.test_model_family import real_pipeline
 from tests.factories.checkpoints import (
     Layout,
+    Tensors,
     all_but_the_denoiser,
     clip_to_openclip,
     header_of,
@@ -202,7 +204,8 @@ def test_the_real_layouts_are_what_diffusers_converts() -> None:
     for name in ("sd1.5", "sdxl-base"):
         unet, state = real_pipeline(name).unet, real_state(name)
         checks.append((unet, convert_ldm_unet_checkpoint(state, dict(unet.config))))
-        vae = _real_vae(4)
+        # ``Any``: diffusers leaves a model's ``config`` unannotated.
+        vae: Any = _real_vae(4)
         checks.append((vae, convert_ldm_vae_checkpoint(state, dict(vae.config))))
     encoder = real_pipeline("sdxl-base").text_encoder_2
     state = real_state("sdxl-base")
@@ -210,10 +213,11 @@ def test_the_real_layouts_are_what_diffusers_converts() -> None:
         encoder, state, prefix="conditioner.embedders.1.model."
     )
     checks.append((encoder, converted))
-    for name, convert in (
+    converters: tuple[tuple[str, Callable[[Tensors], Tensors]], ...] = (
         ("sd3.5-large", convert_sd3_transformer_checkpoint_to_diffusers),
         ("flux-dev", convert_flux_transformer_checkpoint_to_diffusers),
-    ):
+    )
+    for name, convert in converters:
         transformer = real_pipeline(name).transformer
         checks.append(
             (transformer, convert(_without_prefix(real_state(name), "model.diffusion_model.")))
@@ -343,7 +347,7 @@ def _header(state: dict[str, torch.Tensor], **changes: tuple[int, ...]) -> dict[
     return tensors
 
 
-UNSUPPORTED = {
+UNSUPPORTED: dict[str, tuple[str, dict[str, tuple[int, ...]], str]] = {
     "inpainting": (
         "sd1.5",
         {"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)},

@@ -55,7 +55,14 @@ def payload_sha256(path: Path) -> str:
 # The text itself
 
 
-def lora(name: str, weight: float, autov3: str | None, **weights: float) -> LoRARequest:
+def lora(
+    name: str,
+    weight: float,
+    autov3: str | None,
+    *,
+    unet_weight: float | None = None,
+    text_encoder_weight: float | None = None,
+) -> LoRARequest:
     """A request as generation builds it; its AutoV3 hash is ``tensor_sha256``'s start."""
     return LoRARequest(
         id=1,
@@ -63,8 +70,9 @@ def lora(name: str, weight: float, autov3: str | None, **weights: float) -> LoRA
         path=Path(f"{name}.safetensors"),
         content_key=name,
         weight=weight,
+        unet_weight=unet_weight,
+        text_encoder_weight=text_encoder_weight,
         tensor_sha256=None if autov3 is None else autov3 + "0" * 52,
-        **weights,
     )
 
 

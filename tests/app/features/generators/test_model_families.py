@@ -20,13 +20,13 @@ from app.cores.model_manager.model_family import ModelFamily
 from app.database import crud
 from app.features.generators.samplers import Sampler, flow_matching_samplers
 from tests.api import fetch_png, generate, pixels
-from tests.factories.family_models import build_family_pipeline
-from tests.factories.trainer_loras import write_trainer_lora
+from tests.factories.family_models import Family, build_family_pipeline
+from tests.factories.trainer_loras import TrainerFormat, write_trainer_lora
 
-FAMILIES = ["sd2", "sdxl", "sd3", "flux-dev", "flux-schnell"]
-FLOW_MATCHING = {"sd3", "flux-dev", "flux-schnell"}
+FAMILIES: list[Family] = ["sd2", "sdxl", "sd3", "flux-dev", "flux-schnell"]
+FLOW_MATCHING: set[Family] = {"sd3", "flux-dev", "flux-schnell"}
 SIZE = {"width": 64, "height": 64, "steps": 2}
-TINY_FAMILY = {
+TINY_FAMILY: dict[Family, str] = {
     "sd2": "tiny-sd2",
     "sdxl": "tiny-sdxl",
     "sd3": "tiny-sd3",
@@ -41,9 +41,9 @@ async def family(
     app: FastAPI,
     client: httpx.AsyncClient,
     family_model_dir: Callable[[str], Path],
-) -> str:
+) -> Family:
     """The family's tiny model, listed like a downloaded one and loaded."""
-    name: str = request.param
+    name: Family = request.param
     model_id = f"tiny/{name}"
     async with app.state.session_factory() as session:
         await crud.upsert_model(session, model_id, str(family_model_dir(name)))
@@ -59,7 +59,7 @@ async def family(
 
 
 async def test_generates_with_previews_and_the_same_seed_gives_the_same_pixels(
-    app: FastAPI, client: httpx.AsyncClient, family: str
+    app: FastAPI, client: httpx.AsyncClient, family: Family
 ) -> None:
     previews: list[dict[str, Any]] = []
     remove = app.state.events.add_listener(
@@ -83,7 +83,7 @@ async def test_generates_with_previews_and_the_same_seed_gives_the_same_pixels(
 
 
 async def test_every_sampler_runs_or_is_refused_naming_those_that_do(
-    client: httpx.AsyncClient, family: str
+    client: httpx.AsyncClient, family: Family
 ) -> None:
     working = set(flow_matching_samplers()) if family in FLOW_MATCHING else set(Sampler)
     for sampler in Sampler:
@@ -97,7 +97,7 @@ async def test_every_sampler_runs_or_is_refused_naming_those_that_do(
             assert all(s.value in detail for s in flow_matching_samplers())
 
 
-async def test_hires_fix_runs(client: httpx.AsyncClient, family: str) -> None:
+async def test_hires_fix_runs(client: httpx.AsyncClient, family: Family) -> None:
     hires = {"upscale_factor": 2, "upscaler": "Lanczos", "denoising_strength": 0.5, "steps": 2}
     response = await generate(client, **SIZE, seed=5, hires_fix=hires)
     [image] = await pixels(client, response)
@@ -105,7 +105,7 @@ async def test_hires_fix_runs(client: httpx.AsyncClient, family: str) -> None:
 
 
 async def test_what_cfg_scale_and_negative_prompt_mean_per_family(
-    client: httpx.AsyncClient, family: str
+    client: httpx.AsyncClient, family: Family
 ) -> None:
     """CFG families use both; FLUX.1 dev feeds cfg_scale to its guidance embedding and runs
     without a negative prompt; FLUX.1 schnell uses neither (README, "Model families")."""
@@ -122,7 +122,7 @@ async def test_what_cfg_scale_and_negative_prompt_mean_per_family(
 
 
 # The formats each family's LoRAs are published in (tests/factories/trainer_loras.py).
-TRAINER_FORMATS = {
+TRAINER_FORMATS: dict[Family, list[TrainerFormat]] = {
     "sd2": ["kohya", "lycoris-loha", "peft"],
     "sdxl": ["kohya", "lycoris-lokr", "peft"],
     "sd3": ["kohya", "peft"],
@@ -132,7 +132,7 @@ TRAINER_FORMATS = {
 
 
 async def test_loras_in_the_family_formats_upload_classify_and_apply(
-    client: httpx.AsyncClient, family: str, tmp_path: Path
+    client: httpx.AsyncClient, family: Family, tmp_path: Path
 ) -> None:
     """Each family's LoRAs, as their trainers write them: classified as that family, applied
     (the image changes); a LoRA of another family is refused naming both families."""
@@ -152,7 +152,7 @@ async def test_loras_in_the_family_formats_upload_classify_and_apply(
         response = await generate(client, loras, **SIZE, seed=4)
         assert response.status_code == 200, response.text
         assert not np.array_equal(await pixels(client, response), base), trainer_format
-    other = "sd2" if family != "sd2" else "sdxl"
+    other: Family = "sd2" if family != "sd2" else "sdxl"
     path = tmp_path / "other.safetensors"
     write_trainer_lora(build_family_pipeline(other), other, "kohya", path)
     uploaded = await client.post("/loras/upload", json={"file_path": str(path)})
