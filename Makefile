@@ -55,6 +55,7 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# mypy --strict on the packages [tool.mypy] in pyproject.toml names: app, tests, benchmarks.
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
