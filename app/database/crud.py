@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.database.models import (
     DownloadedModel,
+    FileHash,
     GeneratedImage,
     History,
     LoRA,
@@ -30,20 +31,91 @@ async def get_model(session: AsyncSession, model_id: str) -> DownloadedModel | N
     return await session.scalar(select(DownloadedModel).where(DownloadedModel.model_id == model_id))
 
 
-async def upsert_model(session: AsyncSession, model_id: str, model_dir: str) -> DownloadedModel:
+async def upsert_model(
+    session: AsyncSession, model_id: str, model_dir: str, source: str = "hub"
+) -> DownloadedModel:
     row = await get_model(session, model_id)
     if row is None:
-        row = DownloadedModel(model_id=model_id, model_dir=model_dir)
+        row = DownloadedModel(model_id=model_id, model_dir=model_dir, source=source)
         session.add(row)
-    elif row.model_dir != model_dir:
-        row.model_dir = model_dir
+    else:
+        if row.model_dir != model_dir:
+            row.model_dir = model_dir
+        if row.source != source:
+            row.source = source
     await session.flush()
     return row
+
+
+async def get_model_by_sha256(session: AsyncSession, sha256: str) -> DownloadedModel | None:
+    return await session.scalar(
+        select(DownloadedModel).where(DownloadedModel.sha256 == sha256).limit(1)
+    )
+
+
+async def create_imported_model(
+    session: AsyncSession,
+    *,
+    model_id: str,
+    model_dir: str,
+    family: str,
+    variant: str | None,
+    size: int,
+    sha256: str,
+    config: str | None,
+) -> DownloadedModel | None:
+    """Add an imported model's row, or nothing (None) when ``model_id`` is taken (see
+    ``create_lora`` for why not an ORM flush)."""
+    statement = (
+        sqlite_insert(DownloadedModel)
+        .values(
+            {
+                DownloadedModel.model_id: model_id,
+                DownloadedModel.model_dir: model_dir,
+                DownloadedModel.source: "import",
+                DownloadedModel.family: family,
+                DownloadedModel.variant: variant,
+                DownloadedModel.size: size,
+                DownloadedModel.sha256: sha256,
+                DownloadedModel.config: config,
+            }
+        )
+        .on_conflict_do_nothing()
+        .returning(DownloadedModel.id)
+    )
+    new_id = (await session.execute(statement)).scalar_one_or_none()
+    return None if new_id is None else await session.get(DownloadedModel, new_id)
 
 
 async def delete_model(session: AsyncSession, row: DownloadedModel) -> None:
     await session.delete(row)
     await session.flush()
+
+
+# --- file hashes ------------------------------------------------------------------------
+
+
+async def cached_file_hash(
+    session: AsyncSession, path: str, size: int, mtime_ns: int
+) -> str | None:
+    """The sha256 remembered for the file at ``path`` when its size and mtime still match."""
+    row = await session.get(FileHash, path)
+    if row is None or row.size != size or row.mtime_ns != mtime_ns:
+        return None
+    return row.sha256
+
+
+async def remember_file_hash(
+    session: AsyncSession, path: str, size: int, mtime_ns: int, sha256: str
+) -> None:
+    statement = sqlite_insert(FileHash).values(
+        path=path, size=size, mtime_ns=mtime_ns, sha256=sha256
+    )
+    statement = statement.on_conflict_do_update(
+        index_elements=[FileHash.path],
+        set_={"size": size, "mtime_ns": mtime_ns, "sha256": sha256},
+    )
+    await session.execute(statement)
 
 
 # --- histories and images ---------------------------------------------------------------

@@ -35,6 +35,32 @@ class DownloadedModel(Base, TimestampMixin):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     model_id: Mapped[str] = mapped_column(String(512), unique=True, nullable=False)
     model_dir: Mapped[str] = mapped_column(Text, nullable=False)
+    """A diffusers folder, or (an import) a single ``.safetensors`` checkpoint file."""
+    # Migration 0006: where it came from, and what an import found in it.
+    source: Mapped[str] = mapped_column(String(16), nullable=False, server_default="hub")
+    """``hub`` (downloaded or found in the Hugging Face cache), ``import`` or ``embedded``."""
+    family: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    """The family found at import (``ModelFamily`` value); NULL: read from the folder."""
+    variant: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    """FLUX.1 dev/schnell, the SD3 sizes (``CheckpointInfo.variant``)."""
+    size: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """Bytes of the file or of the folder's files, at import."""
+    sha256: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)
+    """Content hash of an import (the file's; for a folder, of its denoiser weights)."""
+    config: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """The config folder or Hub repo id given at import for a single file's configs."""
+
+
+class FileHash(Base):
+    """A file's sha256, remembered by (path, size, modification time): a big checkpoint is
+    read once, not at every import or load (migration 0006)."""
+
+    __tablename__ = "file_hashes"
+
+    path: Mapped[str] = mapped_column(Text, primary_key=True)
+    size: Mapped[int] = mapped_column(Integer, nullable=False)
+    mtime_ns: Mapped[int] = mapped_column(Integer, nullable=False)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
 
 
 class History(Base, TimestampMixin):

@@ -1,4 +1,7 @@
-"""A short, stable hash of a diffusers model folder for the PNG infotext's ``Model hash``.
+"""A short, stable hash of a model for the PNG infotext's ``Model hash``.
+
+A single-file checkpoint gets exactly A1111's: the first 10 hex digits of the sha256 of the
+whole file (A1111's ``sha256`` short hash, CivitAI's AutoV2), :func:`file_short_hash`.
 
 A1111 writes ``Model hash: <first 10 hex digits of the checkpoint file's sha256>`` (CivitAI
 calls this AutoV2). A diffusers folder has no single checkpoint file, so the hash is taken
@@ -27,6 +30,7 @@ _FileKey = tuple[str, int, int]
 
 _lock = threading.Lock()
 _cache: dict[tuple[_FileKey, ...], str] = {}
+_full_cache: dict[tuple[_FileKey, ...], str] = {}
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -51,6 +55,36 @@ def _digest(files: list[Path]) -> str:
             while chunk := handle.read(_CHUNK):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of the whole file, read in chunks; remembered for the life of the process
+    by (path, size, modification time). Raises OSError."""
+    stat = path.stat()
+    key = ((str(path.resolve()), stat.st_size, stat.st_mtime_ns),)
+    with _lock:
+        cached = _full_cache.get(key)
+    if cached is None:
+        cached = _digest([path])
+        with _lock:
+            _full_cache[key] = cached
+    return cached
+
+
+def remember_file_sha256(path: Path, size: int, mtime_ns: int, sha256: str) -> None:
+    """Tell :func:`file_sha256` a hash known from elsewhere (the database's cache)."""
+    with _lock:
+        _full_cache[((str(path.resolve()), size, mtime_ns),)] = sha256
+
+
+def file_short_hash(path: Path) -> str | None:
+    """A1111's ``Model hash`` of a single-file checkpoint: the first 10 hex digits of the
+    sha256 of the whole file; None when it cannot be read."""
+    try:
+        return file_sha256(path)[:SHORT_HASH_LENGTH]
+    except OSError as error:
+        logger.warning("Cannot hash %s: %s", path, error)
+        return None
 
 
 def model_hash(model_dir: Path) -> str | None:

@@ -30,7 +30,12 @@ import anyio.to_thread
 from app.cores.lora_engine import LoRACache
 from app.cores.model_manager.device import LoadTarget
 from app.cores.model_manager.model_family import ModelFamily
-from app.cores.model_manager.pipeline_manager import LoadCancelledError, PipelineManager
+from app.cores.model_manager.pipeline_manager import (
+    LoadCancelledError,
+    ModelSource,
+    PipelineManager,
+    SingleFileSource,
+)
 from app.cores.model_manager.placement import dtype_for, pipeline_class
 from app.exceptions import AppError, NoModelLoadedError
 from app.platform.events import EventEmitter
@@ -106,7 +111,7 @@ class ModelManager:
     async def load(
         self,
         model_id: str,
-        resolve_source: Callable[[], Awaitable[str]],
+        resolve_source: Callable[[], Awaitable[ModelSource]],
         device_for_load: Callable[[], LoadTarget],
     ) -> LoadedModel | None:
         """Load ``model_id``; None when the load was cancelled or duplicated (204).
@@ -190,7 +195,11 @@ class ModelManager:
                 self._release()
 
     def _load_blocking(
-        self, model_id: str, source: str, epoch: int, device_for_load: Callable[[], LoadTarget]
+        self,
+        model_id: str,
+        source: ModelSource,
+        epoch: int,
+        device_for_load: Callable[[], LoadTarget],
     ) -> LoadedModel | None:
         with self._lock:
             if epoch != self._epoch:
@@ -206,12 +215,17 @@ class ModelManager:
             def progress(step: int, phase: str, message: str) -> None:
                 emit(ModelLoadProgress(model_id, step, LOAD_STEPS, phase, message))
 
+            kind = (
+                source.pipeline_class_name
+                if isinstance(source, SingleFileSource)
+                else pipeline_class(Path(source))
+            )
             try:
                 pipeline = PipelineManager.load(
                     model_id,
                     source,
                     device,
-                    dtype_for(device, pipeline_class(Path(source))),
+                    dtype_for(device, kind),
                     progress,
                     should_stop=lambda: epoch != self._epoch,
                     lora_cache=LoRACache(*self._lora_cache_limits),

@@ -22,6 +22,7 @@ from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
 from PIL import Image
 
 from app.cores.lora_engine import LoRACache, LoRAEngine, LoRARequest
+from app.cores.model_manager.checkpoint_files import CheckpointInfo
 from app.cores.model_manager.memory import (
     ImagePass,
     MemoryPlan,
@@ -31,8 +32,11 @@ from app.cores.model_manager.memory import (
     weights_bytes,
 )
 from app.cores.model_manager.model_family import ModelFamily, detect_pipeline
+from app.cores.model_manager.model_hash import file_short_hash
 from app.cores.model_manager.model_hash import model_hash as hash_model_folder
 from app.cores.model_manager.placement import Placement, component_bytes, plan_placement
+from app.cores.model_manager.single_file import load_single_file
+from app.cores.model_manager.single_file import pipeline_class as single_file_pipeline_class
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +88,35 @@ def unpacked(latents: torch.Tensor, width: int, height: int, vae_scale: int) -> 
     rows, cols = height // (vae_scale * 2), width // (vae_scale * 2)
     patches = latents.reshape(batch, rows, cols, packed // 4, 2, 2)
     return patches.permute(0, 3, 1, 4, 2, 5).reshape(batch, packed // 4, rows * 2, cols * 2)
+
+
+@dataclass(frozen=True)
+class SingleFileSource:
+    """A single-file checkpoint (original A1111/ComfyUI layout) and the local diffusers folder
+    whose config files configure it (``single_file.load_single_file``)."""
+
+    path: Path
+    config: Path
+    info: CheckpointInfo
+    model_hash: str | None = None
+    """A1111's short hash of the file, when already known (else computed at load)."""
+
+    @property
+    def pipeline_class_name(self) -> str:
+        return str(single_file_pipeline_class(self.info.family).__name__)
+
+
+ModelSource = str | SingleFileSource
+"""What a load reads: a diffusers folder (its path), or a single file with its configs."""
+
+
+def _load_pipeline(source: ModelSource, dtype: torch.dtype) -> tuple[Any, str | None]:
+    """The pipeline of ``source`` and its short hash for the infotext."""
+    if isinstance(source, SingleFileSource):
+        pipeline = load_single_file(source.path, source.config, torch_dtype=dtype, info=source.info)
+        return pipeline, source.model_hash or file_short_hash(source.path)
+    pipeline = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype, local_files_only=True)
+    return pipeline, hash_model_folder(Path(source))
 
 
 @dataclass(frozen=True)
@@ -145,7 +178,7 @@ class PipelineManager:
     def load(
         cls,
         model_id: str,
-        source: str,
+        source: ModelSource,
         device: torch.device,
         dtype: torch.dtype,
         progress: ProgressCallback,
@@ -153,8 +186,9 @@ class PipelineManager:
         lora_cache: LoRACache | None = None,
         gpu_share: float = 1.0,
     ) -> PipelineManager:
-        """Load ``source`` (a diffusers folder) onto ``device``, offloaded to the CPU when it
-        does not fit ``gpu_share`` of a GPU (``placement``); raises LoadCancelledError."""
+        """Load ``source`` (a diffusers folder, or a single file with its configs) onto
+        ``device``, offloaded to the CPU when it does not fit ``gpu_share`` of a GPU
+        (``placement``); raises LoadCancelledError."""
 
         def checkpoint(step: int, phase: str, message: str) -> None:
             if should_stop():
@@ -165,11 +199,8 @@ class PipelineManager:
         checkpoint(2, "initialization", "Checking the local model files")
         checkpoint(3, "loading_model", "Preparing the pipeline")
         checkpoint(4, "loading_model", "Loading model weights")
-        pipeline = AutoPipelineForText2Image.from_pretrained(
-            source, dtype=dtype, local_files_only=True
-        )
+        pipeline, short_hash = _load_pipeline(source, dtype)
         checkpoint(5, "loading_model", "Model weights loaded")
-        short_hash = hash_model_folder(Path(source))
         memory = (
             torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
         )

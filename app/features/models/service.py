@@ -17,11 +17,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.config import EMBEDDED_MODEL_ID, Settings
 from app.cores.model_manager.device import LoadTarget, resolve_device
 from app.cores.model_manager.model_manager import ModelManager
+from app.cores.model_manager.pipeline_manager import ModelSource
 from app.database import crud, hooks
 from app.database.models import DownloadedModel
 from app.exceptions import BadRequestError, ConflictError, NotFoundError
 from app.features.config.service import read_user_config
-from app.features.models.schemas import LoadModelResponse
+from app.features.hub.hub_client import HubClient
+from app.features.models import imports
+from app.features.models.schemas import DownloadedModelInfo, LoadModelResponse
 from app.platform.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -29,11 +32,35 @@ logger = logging.getLogger(__name__)
 
 async def register_embedded_model(session: AsyncSession, storage: Storage) -> DownloadedModel:
     """List the embedded model (its folder is built at start-up, before this runs)."""
-    return await crud.upsert_model(session, EMBEDDED_MODEL_ID, str(storage.embedded_model_dir))
+    return await crud.upsert_model(
+        session, EMBEDDED_MODEL_ID, str(storage.embedded_model_dir), "embedded"
+    )
 
 
-async def list_downloaded(session: AsyncSession) -> Sequence[DownloadedModel]:
-    return await crud.list_models(session)
+async def list_downloaded(session: AsyncSession) -> list[DownloadedModelInfo]:
+    rows = await crud.list_models(session)
+    return await anyio.to_thread.run_sync(_describe_all, rows)
+
+
+def _describe_all(rows: Sequence[DownloadedModel]) -> list[DownloadedModelInfo]:
+    return [describe(row) for row in rows]
+
+
+def describe(row: DownloadedModel) -> DownloadedModelInfo:
+    """A row as ``GET /models/downloaded`` lists it (blocking: looks at the disk)."""
+    family, variant = imports.folder_family(row)
+    return DownloadedModelInfo(
+        id=row.id,
+        model_id=row.model_id,
+        model_dir=row.model_dir,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        source=row.source,
+        family=family,
+        variant=variant,
+        size=row.size,
+        missing=imports.is_missing(row),
+    )
 
 
 def _hub_cache_folder(model_id: str) -> str | None:
@@ -44,10 +71,18 @@ def _hub_cache_folder(model_id: str) -> str | None:
         return None
 
 
-async def _resolve_source(session: AsyncSession, model_id: str, found: list[str]) -> str:
-    """The folder to load ``model_id`` from; a Hugging Face cache folder is also put in
-    ``found``, to be listed once it has loaded."""
+async def _resolve_source(
+    session: AsyncSession,
+    storage: Storage,
+    hub: HubClient | None,
+    model_id: str,
+    found: list[str],
+) -> ModelSource:
+    """The folder (or single file and configs) to load ``model_id`` from; a Hugging Face
+    cache folder is also put in ``found``, to be listed once it has loaded."""
     row = await crud.get_model(session, model_id)
+    if row is not None and imports.is_single_file(row):
+        return await imports.single_file_source(session, storage, hub, row)
     if row is not None:
         if not (Path(row.model_dir) / "model_index.json").is_file():
             raise NotFoundError(
@@ -68,6 +103,7 @@ async def load_model(
     storage: Storage,
     settings: Settings,
     model_id: str,
+    hub: HubClient | None = None,
 ) -> LoadModelResponse | None:
     """Load a model; None means the load was cancelled or is already under way (204)."""
 
@@ -77,7 +113,9 @@ async def load_model(
 
     from_hub_cache: list[str] = []
     loaded = await models.load(
-        model_id, partial(_resolve_source, session, model_id, from_hub_cache), device_for_load
+        model_id,
+        partial(_resolve_source, session, storage, hub, model_id, from_hub_cache),
+        device_for_load,
     )
     if loaded is None:
         return None
@@ -106,8 +144,9 @@ async def delete_model(
         raise BadRequestError(f"Model {model_id} is not downloaded.")
     await crud.delete_model(session, row)
     folder = Path(row.model_dir)
-    # Only folders this backend owns are removed; a shared hub cache is left alone.
-    if not await anyio.to_thread.run_sync(_is_owned_folder, folder, storage.models_dir):
+    # Only what this backend owns is removed (its downloads and copied imports); a shared
+    # hub cache and a file imported in place are left alone.
+    if not await anyio.to_thread.run_sync(_is_owned, folder, storage.models_dir):
         return
     # Set aside now (an instant rename), removed for good only once the row is gone: a
     # failed commit puts it back, and a crash leaves a ``.trash-`` folder that the next
@@ -121,8 +160,11 @@ async def delete_model(
 TRASH_PREFIX = ".trash-"
 
 
-def _is_owned_folder(folder: Path, models_dir: Path) -> bool:
-    return folder.is_dir() and folder.resolve().is_relative_to(models_dir.resolve())
+def _is_owned(path: Path, models_dir: Path) -> bool:
+    if not (path.is_dir() or path.is_file()) or path.is_symlink():
+        return False
+    resolved, root = path.resolve(), models_dir.resolve()
+    return resolved != root and resolved.is_relative_to(root)
 
 
 def _move(source: Path, target: Path) -> None:
@@ -131,12 +173,19 @@ def _move(source: Path, target: Path) -> None:
 
 def _remove_in_background(folder: Path) -> None:
     # A model folder can hold gigabytes: never delete it on the event loop.
-    threading.Thread(
-        target=shutil.rmtree, args=(folder,), kwargs={"ignore_errors": True}, daemon=True
-    ).start()
+    threading.Thread(target=_remove, args=(folder,), daemon=True).start()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def remove_trash(models_dir: Path) -> None:
-    """Remove model folders whose deletion a crash interrupted (run at start-up)."""
-    for entry in models_dir.glob(f"{TRASH_PREFIX}*"):
-        shutil.rmtree(entry, ignore_errors=True)
+    """Remove model folders and copied files whose deletion a crash interrupted, and copies
+    of imports a crash interrupted (run at start-up)."""
+    for prefix in (TRASH_PREFIX, imports.IMPORT_PREFIX):
+        for entry in models_dir.glob(f"{prefix}*"):
+            _remove(entry)
