@@ -551,7 +551,9 @@ async def _config_from_hub(
     try:
         return await fetch_configs(hub, repo_id, cached)
     except AppError as error:  # offline, no such repository, the Hub failed: say what is needed
-        raise ConfigsUnavailableError(f"{_offline_message(repo_id, info)} ({error.detail})") from None
+        raise ConfigsUnavailableError(
+            f"{_offline_message(repo_id, info)} ({error.detail})"
+        ) from None
 
 
 def _offline_message(repo_id: str, info: CheckpointInfo) -> str:

@@ -262,3 +262,48 @@ def test_0005_moves_the_columns_into_facts_and_source_and_back(
         "raw_metadata": "{}",
         "base_model_conflict": 0,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# 0006 says where each model came from and remembers file hashes (imported models)
+
+_MODEL_ROW = (
+    "INSERT INTO models (model_id, model_dir, created_at, updated_at) "
+    "VALUES (:model_id, '/x', '2025-01-01 00:00:00', '2025-01-01 00:00:00')"
+)
+_ADDED_TO_MODELS = ("source", "family", "variant", "size", "sha256", "config")
+
+
+def test_0006_keeps_the_models_as_downloads_and_downgrade_keeps_them(
+    database_url: str, sync_engine: sa.Engine
+) -> None:
+    config = alembic_config(database_url)
+    command.upgrade(config, "0005")
+    with sync_engine.begin() as connection:
+        for model_id in ("a/b", "c/d"):
+            connection.execute(sa.text(_MODEL_ROW), {"model_id": model_id})
+
+    command.upgrade(config, "0006")
+    assert "file_hashes" in _tables(sync_engine)
+    with sync_engine.begin() as connection:
+        rows = connection.execute(
+            sa.text(f"SELECT model_id, {', '.join(_ADDED_TO_MODELS)} FROM models ORDER BY id")
+        ).all()
+        assert [tuple(row) for row in rows] == [
+            ("a/b", "hub", None, None, None, None, None),
+            ("c/d", "hub", None, None, None, None, None),
+        ]
+        connection.execute(sa.text(_MODEL_ROW), {"model_id": "e"})  # the default applies
+        assert (
+            connection.execute(
+                sa.text("SELECT source FROM models WHERE model_id = 'e'")
+            ).scalar_one()
+            == "hub"
+        )
+
+    command.downgrade(config, "0005")
+    assert "file_hashes" not in _tables(sync_engine)
+    assert not set(_ADDED_TO_MODELS) & _columns(sync_engine, "models")
+    with sync_engine.connect() as connection:
+        ids = connection.execute(sa.text("SELECT model_id FROM models ORDER BY id")).scalars()
+        assert list(ids) == ["a/b", "c/d", "e"]
