@@ -16,9 +16,11 @@ import pytest
 from fastapi import FastAPI
 
 from app.config import Settings
+from app.cores.model_manager.single_file import CONFIG_SUFFIXES
 from tests.api import config_with, fetch_png, load_model, pixels, post_generate, post_load
 from tests.factories.checkpoints import write_checkpoint, write_lora_checkpoint, write_vae_only
 from tests.factories.family_models import Family, FamilyModelDir
+from tests.fake_remote import FakeRemote
 from tests.harness import Event, running_app
 
 JSON = dict[str, Any]
@@ -254,3 +256,26 @@ async def test_without_configs_offline_the_load_names_the_family_and_what_to_fet
         assert "someone/sdxl-configs" in detail
         assert "SDXL" in detail
         assert (await listed(client))["lonely"]["missing"] is False
+
+
+async def test_configs_named_by_hub_repo_are_fetched_once_and_only_configs(
+    family_model_dir: FamilyModelDir, settings: Settings, remote: FakeRemote, tmp_path: Path
+) -> None:
+    repo = remote.hub_repo("test-org/tiny-sdxl", family_model_dir("sdxl", seed=0))
+    online = settings.model_copy(update={"huggingface_base_url": remote.url("/hub")})
+    checkpoint = write_checkpoint("sdxl", tmp_path / "xl.safetensors", seed=1)
+    async with running_app(online) as (_app, client):
+        await imported(client, checkpoint, config="test-org/tiny-sdxl")
+        result, _ = await first_image(client, "xl")
+        fetched = repo.fetched_files()
+        assert "model_index.json" in fetched
+        assert "unet/config.json" in fetched
+        assert all(name.endswith(CONFIG_SUFFIXES) for name in fetched)
+        cached = settings.models_dir / ".configs" / "test-org--tiny-sdxl"
+        assert (cached / "scheduler" / "scheduler_config.json").is_file()
+        await client.post("/models/unload")
+        await load_model(client, "xl")
+        assert repo.fetched_files() == fetched  # fetched once
+        await imported(client, family_model_dir("sdxl", seed=1), name="xl-folder")
+        reference, _ = await first_image(client, "xl-folder")
+    assert np.array_equal(result, reference)  # every weight came from the file
