@@ -37,6 +37,7 @@ from app.cores.model_manager.pipeline_manager import (
     SingleFileSource,
 )
 from app.cores.model_manager.placement import dtype_for, pipeline_class
+from app.cores.model_manager.single_file import SingleFileError
 from app.exceptions import AppError, NoModelLoadedError
 from app.platform.events import EventEmitter
 from app.platform.socket_events import (
@@ -56,6 +57,12 @@ T = TypeVar("T")
 
 class ModelLoadError(AppError):
     status_code = 500
+
+
+class ModelFileError(ModelLoadError):
+    """A single-file checkpoint diffusers cannot convert (the user's file, not a fault)."""
+
+    status_code = 400
 
 
 @dataclass(frozen=True)
@@ -234,6 +241,10 @@ class ModelManager:
             except LoadCancelledError:
                 logger.info("Load of %s cancelled by a newer request", model_id)
                 return None
+            except SingleFileError as error:
+                logger.warning("Cannot load %s: %s", model_id, error)
+                emit(ModelLoadFailed(model_id, str(error)))
+                raise ModelFileError(f"Failed to load model {model_id}: {error}") from error
             except Exception as error:
                 logger.exception("Loading %s failed", model_id)
                 emit(ModelLoadFailed(model_id, str(error)))

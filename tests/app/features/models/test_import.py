@@ -279,3 +279,15 @@ async def test_configs_named_by_hub_repo_are_fetched_once_and_only_configs(
         await imported(client, family_model_dir("sdxl", seed=1), name="xl-folder")
         reference, _ = await first_image(client, "xl-folder")
     assert np.array_equal(result, reference)  # every weight came from the file
+
+
+async def test_a_copied_diffusers_folder_is_listed_from_the_cache_and_loads(
+    family_model_dir: FamilyModelDir, client: httpx.AsyncClient, settings: Settings
+) -> None:
+    folder = family_model_dir("sd1", seed=2)
+    info = await imported(client, folder, name="team/copied-folder", copy=True)
+    copy = Path(info["model_dir"])
+    assert copy == settings.models_dir / "team--copied-folder"
+    assert (copy / "model_index.json").is_file()
+    assert info["size"] == sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert (await load_model(client, "team/copied-folder"))["model_id"] == "team/copied-folder"
