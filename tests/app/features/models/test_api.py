@@ -73,6 +73,7 @@ async def test_embedded_model_is_listed(client: httpx.AsyncClient, settings: Set
     for stamp in (row["created_at"], row["updated_at"]):
         assert "+" not in stamp
         assert not stamp.endswith("Z")  # naive UTC, as the UI parses it
+    assert (row["source"], row["family"], row["missing"]) == ("embedded", "tiny", False)
 
 
 # --- loading -----------------------------------------------------------------------------
