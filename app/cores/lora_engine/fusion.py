@@ -5,8 +5,9 @@ differences of every LoRA on it are summed in float32 on the weight's device and
 so the denoising loop runs at the base model's speed; afterwards the copies are put back
 with ``copy_``: the base weights are bit-identical after every generation
 (``fuse_lora``/``unfuse_lora`` are not: subtracting again leaves rounding errors). DoRA
-layers are not additive: they rescale the summed weight, one after the other, in the order
-the request lists them (as A1111 and ComfyUI apply them).
+layers and the weight-dependent kinds ((IA)³, GLoRA, OFT) are not additive: they change the
+summed weight, one after the other, in the order the request lists them (as A1111 and
+ComfyUI apply them).
 
 Runs with the pipeline lock held.
 """
@@ -22,10 +23,15 @@ import torch
 
 from app.cores.lora_engine.backups import BackupPool
 from app.cores.lora_engine.key_mapping import KeyMapper
-from app.cores.lora_engine.layer_math import bias_delta, dora_weight, layer_scale, weight_delta
+from app.cores.lora_engine.layer_math import (
+    bias_delta,
+    dependent_weight,
+    layer_scale,
+    weight_delta,
+)
 from app.cores.lora_engine.preparation import PreparedLayer, PreparedLoRA
 from app.cores.lora_engine.request import LoRARequest
-from app.cores.lora_files.layers import LayerKind, Target
+from app.cores.lora_files.layers import WEIGHT_DEPENDENT, LayerKind, Target
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +75,10 @@ def _is_plain(prepared: PreparedLayer, target: Target) -> bool:
     )
 
 
+def _depends_on_weight(prepared: PreparedLayer) -> bool:
+    return prepared.layer.dora is not None or prepared.layer.kind in WEIGHT_DEPENDENT
+
+
 def _stacked_factors(
     plain: Sequence[_Contribution], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,11 +105,11 @@ def _fuse_module(
     backups.save(weight)
     plain = [c for c in contributions if _is_plain(c[0], c[1])]
     others = [c for c in contributions if not _is_plain(c[0], c[1])]
-    doras = [(p, w) for p, _target, w in others if p.layer.dora is not None]
-    additive = [c for c in others if c[0].layer.dora is None]
+    dependent = [(p, w) for p, _target, w in others if _depends_on_weight(p)]
+    additive = [c for c in others if not _depends_on_weight(c[0])]
     in_place = weight.ndim > 1 and weight.is_contiguous() and weight.dtype == torch.float32
     flat = weight.view(weight.shape[0], -1) if in_place else None
-    if plain and not additive and not doras and flat is not None:
+    if plain and not additive and not dependent and flat is not None:
         flat.addmm_(*_stacked_factors(plain, device))  # the common case: no buffer at all
     else:
         total = torch.zeros(weight.shape, dtype=torch.float32, device=device)
@@ -111,13 +121,10 @@ def _fuse_module(
             delta = _rows_of(prepared, target, device)
             if delta is not None:
                 total[into] += strength * delta.reshape(total[into].shape)
-        if doras:
+        if dependent:
             current = weight.to(torch.float32) + total
-            for prepared, strength in doras:
-                delta = weight_delta(prepared.layer, prepared.shape, device)
-                assert prepared.layer.dora is not None
-                assert delta is not None
-                current = dora_weight(current, delta, prepared.layer.dora, strength)
+            for prepared, strength in dependent:
+                current = dependent_weight(prepared.layer, current, strength)
             weight.copy_(current.to(weight.dtype))
         else:
             weight.add_(total.to(weight.dtype))

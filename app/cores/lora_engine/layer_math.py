@@ -15,7 +15,14 @@ from collections.abc import Sequence
 
 import torch
 
-from app.cores.lora_files.layers import DoRA, DoRAAxis, DoRAStrength, FileLayer, LayerKind
+from app.cores.lora_files.layers import (
+    WEIGHT_DEPENDENT,
+    DoRA,
+    DoRAAxis,
+    DoRAStrength,
+    FileLayer,
+    LayerKind,
+)
 
 _F32 = torch.float32
 
@@ -53,8 +60,12 @@ def delta_size(layer: FileLayer) -> tuple[int, int]:
     Columns are the product of all dims after the first (``in * kh * kw`` for a conv), so a
     layer can be checked against a model module before any maths runs. A layer without a
     weight part (FULL with only ``diff_b``, NORM with only ``b_norm``) gives
-    ``(len(bias), 1)``, as a norm layer's 1-D weight does.
+    ``(len(bias), 1)``, as a norm layer's 1-D weight does. A weight-dependent layer whose size
+    is partly the base weight's ((IA)³) has no size of its own: :func:`dependent_fit` checks
+    it against a weight's shape.
     """
+    if layer.kind is LayerKind.IA3:
+        raise ValueError(f"{layer.name}: a {layer.kind} layer takes its size from the base weight")
     try:
         return _delta_size(layer)
     except IndexError as error:  # a tensor with fewer dims than its role has
@@ -177,6 +188,8 @@ def _raw_delta(layer: FileLayer, device: torch.device) -> torch.Tensor | None:
         case LayerKind.NORM:
             norm = layer.tensors.get("w_norm")
             return None if norm is None else norm.to(device=device, dtype=_F32)
+        case kind if kind in WEIGHT_DEPENDENT:
+            raise ValueError(f"{layer.name}: a {kind} layer has no weight difference of its own")
     raise ValueError(f"{layer.name}: unknown layer kind {layer.kind!r}")
 
 
@@ -265,3 +278,73 @@ def dora_weight(
         return weight + strength * (magnitude * merged / norm - weight)
     merged = weight + strength * delta
     return magnitude * merged / _norm(merged, dora.axis)
+
+
+def _flag(layer: FileLayer, role: str) -> bool | None:
+    """A 0/1 flag tensor's value; None when only its shape is known (a ``meta`` tensor)."""
+    tensor = _need(layer, role)
+    if tensor.numel() != 1:
+        raise ValueError(f"{layer.name}: its {role!r} is not a single value")
+    if tensor.device.type == "meta":
+        return None
+    return bool(tensor.reshape(()).item())
+
+
+def _ia3_fit(layer: FileLayer, shape: Sequence[int] | None) -> str | None:
+    factors = _need(layer, "weight")
+    count = factors.numel()
+    # LyCORIS writes (n,) for a linear layer and (1, n, 1, 1) for a convolution.
+    if factors.ndim > 1 and sorted(factors.shape)[:-1] != [1] * (factors.ndim - 1):
+        return f"has (IA)³ factors of shape {tuple(factors.shape)}, not one per channel"
+    on_input = _flag(layer, "on_input")
+    if shape is None or on_input is None:
+        return None
+    if len(shape) < 2:
+        return f"scales a weight of shape {tuple(shape)}, which has no rows and columns"
+    axis, what = (1, "input channels") if on_input else (0, "output rows")
+    if shape[axis] != count:
+        return f"scales {count} {what}; the loaded model's weight has {shape[axis]}"
+    return None
+
+
+def dependent_fit(layer: FileLayer, shape: Sequence[int] | None) -> str | None:
+    """Why a weight-dependent layer cannot change a module weight of ``shape`` (a phrase that
+    follows the layer's name), None when it can. ``shape`` None (the upload check, shapes from
+    the header only): whether the layer's own tensors fit one another."""
+    try:
+        match layer.kind:
+            case LayerKind.IA3:
+                return _ia3_fit(layer, shape)
+    except (ValueError, IndexError) as error:
+        return f"has tensors that do not fit one another ({error})"
+    raise ValueError(f"{layer.name}: a {layer.kind} layer does not depend on the base weight")
+
+
+def _ia3_weight(layer: FileLayer, weight: torch.Tensor, strength: float) -> torch.Tensor:
+    """LyCORIS ``IA3Module.make_weight``: ``W * (1 + s * w)``, the factors ``w`` along the
+    output rows, or along the input channels (dim 1) when ``on_input`` is set. A1111
+    (``network_ia3.py``) adds ``s * (W * w)``, the same; ComfyUI has no (IA)³ adapter."""
+    factors = _need(layer, "weight").to(device=weight.device, dtype=_F32).flatten()
+    view = [1] * weight.dim()
+    view[1 if _flag(layer, "on_input") else 0] = -1
+    return weight * (1 + strength * factors.reshape(view))
+
+
+def dependent_weight(layer: FileLayer, weight: torch.Tensor, strength: float) -> torch.Tensor:
+    """The new float32 weight of a layer that depends on the base weight, from the running
+    float32 ``weight`` (the base with every additive layer already added) at ``strength``:
+    a DoRA layer (:func:`dora_weight`) or a :data:`WEIGHT_DEPENDENT` kind. Raises ValueError
+    when the layer does not fit ``weight``."""
+    weight = weight.to(_F32)
+    if layer.dora is not None:
+        delta = weight_delta(layer, weight.shape, weight.device)
+        if delta is None:
+            raise ValueError(f"{layer.name}: a DoRA layer without a weight difference")
+        return dora_weight(weight, delta, layer.dora, strength)
+    problem = dependent_fit(layer, weight.shape)
+    if problem is not None:
+        raise ValueError(f"{layer.name} {problem}")
+    match layer.kind:
+        case LayerKind.IA3:
+            return _ia3_weight(layer, weight, strength)
+    raise ValueError(f"{layer.name}: a {layer.kind} layer does not depend on the base weight")

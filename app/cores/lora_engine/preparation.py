@@ -16,10 +16,10 @@ from safetensors import SafetensorError, safe_open
 
 from app.cores.lora_engine.errors import LoRAIncompatibleError
 from app.cores.lora_engine.key_mapping import KeyMapper
-from app.cores.lora_engine.layer_math import delta_size
+from app.cores.lora_engine.layer_math import delta_size, dependent_fit
 from app.cores.lora_engine.request import LoRARequest
 from app.cores.lora_files.key_grammar import LoRAFileError, read_layers
-from app.cores.lora_files.layers import FileLayer, LayerKind, Target
+from app.cores.lora_files.layers import WEIGHT_DEPENDENT, FileLayer, LayerKind, Target
 
 __all__ = ["PreparedLayer", "PreparedLoRA", "prepare"]
 
@@ -122,6 +122,18 @@ def prepare(request: LoRARequest, mapper: KeyMapper, device: torch.device) -> Pr
             and layer.dora is None
             and layer.tensors["down"].ndim == first.ndim
         )
+        if layer.kind in WEIGHT_DEPENDENT:
+            if len(targets) > 1:
+                mismatched.append(
+                    f"layer {layer.name} is a {layer.kind} layer on a fused projection"
+                )
+                continue
+            problem = dependent_fit(layer, (rows, *trailing))
+            if problem is not None:
+                mismatched.append(f"layer {layer.name} {problem}")
+                continue
+            prepared.append(PreparedLayer(layer, tuple(targets), (rows, *trailing)))
+            continue
         actual = delta_size(layer)
         if not _has_weight_part(layer):  # only a bias difference: its length is all to check
             columns = 1

@@ -15,7 +15,7 @@ from collections import Counter
 
 import torch
 
-from app.cores.lora_engine.layer_math import delta_size, layer_rank
+from app.cores.lora_engine.layer_math import delta_size, dependent_fit, layer_rank
 from app.cores.lora_files.inspection_types import InvalidLoRAError, LoRAInspection, examples
 from app.cores.lora_files.key_grammar import LoRAFileError, read_layers, split_key
 from app.cores.lora_files.key_names import (
@@ -27,12 +27,12 @@ from app.cores.lora_files.key_names import (
     describe_non_lora,
     key_format,
 )
-from app.cores.lora_files.layers import FileLayer, LayerKind
+from app.cores.lora_files.layers import WEIGHT_DEPENDENT, FileLayer, LayerKind
 from app.cores.lora_files.safetensors_file import SafetensorsHeader
 
 __all__ = ["inspect_lora_header"]
 
-_TYPE_PRIORITY = ("dora", "lokr", "loha", "full", "locon", "lora")
+_TYPE_PRIORITY = ("dora", "ia3", "lokr", "loha", "full", "locon", "lora")
 """A file's network type is its most specific layer's (LyCORIS files mix kinds)."""
 
 
@@ -42,7 +42,7 @@ def _check_dtypes(header: SafetensorsHeader) -> None:
             raise InvalidLoRAError(
                 f"Tensor '{key}' uses the {info.dtype} type, which cannot be loaded."
             )
-        if not key.endswith(".alpha") and info.dtype not in FLOAT_DTYPES:
+        if not key.endswith((".alpha", ".on_input")) and info.dtype not in FLOAT_DTYPES:
             raise InvalidLoRAError(f"Tensor '{key}' holds {info.dtype} values, not floating point.")
 
 
@@ -50,6 +50,11 @@ def _check_layer(layer: FileLayer) -> None:
     """Shapes that form a weight difference at all (whether they fit a model is checked at
     generation)."""
     tensors = layer.tensors
+    if layer.kind in WEIGHT_DEPENDENT:
+        problem = dependent_fit(layer, None)
+        if problem is not None:
+            raise InvalidLoRAError(f"Layer '{layer.name}' {problem}.")
+        return
     if layer.kind is LayerKind.LORA:
         down, up = tensors["down"], tensors["up"]
         if down.ndim not in (2, 4) or up.ndim != down.ndim:
@@ -77,7 +82,7 @@ def _check_layer(layer: FileLayer) -> None:
 def _network_type(layer: FileLayer) -> str:
     if layer.dora is not None:
         return "dora"
-    if layer.kind in (LayerKind.LOKR, LayerKind.LOHA, LayerKind.FULL):
+    if layer.kind in (LayerKind.LOKR, LayerKind.LOHA, LayerKind.FULL, *WEIGHT_DEPENDENT):
         return layer.kind.value
     down = layer.tensors.get("down")
     if "mid" in layer.tensors:

@@ -12,7 +12,9 @@ trainer calls the layer (Kohya ``lora_unet_down_blocks_0_..._to_q``, diffusers
   ``.lora_linear_layer.down.weight``);
 * LyCORIS LoHa ``.hada_w1_a`` ..., LoKr ``.lokr_w1`` ..., full ``.diff``/``.diff_b``, norms
   ``.w_norm``/``.b_norm``;
-* per-layer ``.alpha``; DoRA: Kohya/LyCORIS ``.dora_scale``, PEFT ``.lora_magnitude_vector``.
+* per-layer ``.alpha``; DoRA: Kohya/LyCORIS ``.dora_scale``, PEFT ``.lora_magnitude_vector``;
+* LyCORIS (IA)³ ``.weight`` + ``.on_input`` (a bare ``.weight`` is (IA)³'s only beside an
+  ``.on_input`` of the same module: alone it is a model weight, not a LoRA tensor).
 
 The same grammar serves the upload check (tensor shapes from the header, no data read: the
 tensors are ``meta`` tensors) and the engine (real tensors).
@@ -28,7 +30,15 @@ from dataclasses import dataclass
 
 import torch
 
-from app.cores.lora_files.layers import ROLES, DoRA, DoRAAxis, DoRAStrength, FileLayer, LayerKind
+from app.cores.lora_files.layers import (
+    ROLES,
+    WEIGHT_DEPENDENT,
+    DoRA,
+    DoRAAxis,
+    DoRAStrength,
+    FileLayer,
+    LayerKind,
+)
 
 __all__ = ["LORA_ADAPTER_METADATA_KEY", "LoRAFileError", "read_layers", "split_key"]
 
@@ -50,6 +60,7 @@ _SUFFIXES: tuple[tuple[str, str], ...] = (
     (".diff", "diff"),
     (".w_norm", "w_norm"),
     (".b_norm", "b_norm"),
+    (".on_input", "on_input"),
     (".lora_linear_layer.down.weight", "down"),
     (".lora_linear_layer.up.weight", "up"),
     (".lora.down.weight", "down"),
@@ -103,6 +114,8 @@ def _kind(name: str, roles: set[str]) -> LayerKind:
             raise LoRAFileError(f"Layer '{name}' has an up/B weight but no down/A weight.")
     if kind is LayerKind.LOHA and not {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= roles:
         raise LoRAFileError(f"Layer '{name}' lacks one of the four LoHa matrices.")
+    if kind is LayerKind.IA3 and "weight" not in roles:
+        raise LoRAFileError(f"Layer '{name}' has an (IA)³ on_input flag but no weight.")
     if kind is LayerKind.LOKR and not (
         ({"lokr_w1"} <= roles or {"lokr_w1_a", "lokr_w1_b"} <= roles)
         and ({"lokr_w2"} <= roles or {"lokr_w2_a", "lokr_w2_b"} <= roles)
@@ -189,8 +202,12 @@ def read_layers(
     tensors no LoRA format has. ``tensors`` may be ``meta`` tensors (shapes only)."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     unknown: list[str] = []
+    ia3 = {key.removesuffix(".on_input") for key in tensors if key.endswith(".on_input")}
     for key, tensor in tensors.items():
-        split = split_key(key)
+        if key.endswith(".weight") and key.removesuffix(".weight") in ia3:
+            split: tuple[str, str] | None = (key.removesuffix(".weight"), "weight")
+        else:
+            split = split_key(key)
         if split is None:
             unknown.append(key)
             continue
@@ -213,6 +230,8 @@ def read_layers(
         if alpha is None and kind is LayerKind.LORA and "down" in roles:
             alpha = _peft_alpha(name, int(roles["down"].shape[0]), peft)
         dora = _dora(name, roles.pop("dora_scale", None), roles.pop("magnitude", None))
+        if dora is not None and kind in WEIGHT_DEPENDENT:
+            raise LoRAFileError(f"Layer '{name}' is a DoRA {kind} layer, which is not supported.")
         layers.append(FileLayer(name=name, kind=kind, tensors=roles, alpha=alpha, dora=dora))
     return layers
 

@@ -30,6 +30,9 @@ class LayerKind(StrEnum):
     """LyCORIS full: the weight difference itself (``diff``, ``diff_b``)."""
     NORM = "norm"
     """A norm layer's weight and bias differences (``w_norm``, ``b_norm``)."""
+    IA3 = "ia3"
+    """LyCORIS (IA)³: one factor per output row (or input column, ``on_input``) of the base
+    weight, ``W * (1 + w)``; weight-dependent (see :data:`WEIGHT_DEPENDENT`)."""
 
 
 ROLES: Mapping[LayerKind, frozenset[str]] = {
@@ -42,10 +45,15 @@ ROLES: Mapping[LayerKind, frozenset[str]] = {
     ),
     LayerKind.FULL: frozenset({"diff", "diff_b"}),
     LayerKind.NORM: frozenset({"w_norm", "b_norm"}),
+    LayerKind.IA3: frozenset({"weight", "on_input"}),
 }
 """The tensor roles of each kind. ``down``/``up``/``mid`` are Kohya's ``lora_down``/``lora_up``/
 ``lora_mid`` and PEFT's ``lora_A``/``lora_B``; ``bias`` is PEFT's ``lora_B.bias``; the LyCORIS
-roles keep their names. Any kind may also carry a DoRA magnitude (:class:`DoRA`)."""
+roles keep their names. Any additive kind may also carry a DoRA magnitude (:class:`DoRA`)."""
+
+WEIGHT_DEPENDENT: frozenset[LayerKind] = frozenset({LayerKind.IA3})
+"""Kinds whose change is a function of the base weight, not a difference to add: fusion applies
+them after the additive sum, on the running weight, in request order (as DoRA layers)."""
 
 
 class DoRAAxis(StrEnum):

@@ -96,7 +96,7 @@ def test_kohya_dora_is_applied_unlike_diffusers_which_drops_dora_scale(
 @pytest.mark.parametrize(
     ("suffixes", "variant"),
     [
-        ((".weight", ".on_input"), r"\(IA\)³"),
+        ((".ia3_l",), r"PEFT \(IA\)³"),
         ((".oft_blocks", ".alpha"), "OFT/BOFT"),
         ((".a1.weight", ".a2.weight", ".b1.weight", ".b2.weight"), "GLoRA"),
     ],
