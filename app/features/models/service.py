@@ -23,7 +23,7 @@ from app.database.models import DownloadedModel
 from app.exceptions import BadRequestError, ConflictError, NotFoundError
 from app.features.config.service import read_user_config
 from app.features.hub.hub_client import HubClient
-from app.features.models import imports
+from app.features.models import import_files, imports, single_file_configs
 from app.features.models.schemas import DownloadedModelInfo, LoadModelResponse
 from app.platform.storage import Storage
 
@@ -81,8 +81,8 @@ async def _resolve_source(
     """The folder (or single file and configs) to load ``model_id`` from; a Hugging Face
     cache folder is also put in ``found``, to be listed once it has loaded."""
     row = await crud.get_model(session, model_id)
-    if row is not None and imports.is_single_file(row):
-        return await imports.single_file_source(session, storage, hub, row)
+    if row is not None and single_file_configs.is_single_file(row):
+        return await single_file_configs.single_file_source(session, storage, hub, row)
     if row is not None:
         if not (Path(row.model_dir) / "model_index.json").is_file():
             raise NotFoundError(
@@ -186,6 +186,6 @@ def _remove(path: Path) -> None:
 def remove_trash(models_dir: Path) -> None:
     """Remove model folders and copied files whose deletion a crash interrupted, and copies
     of imports a crash interrupted (run at start-up)."""
-    for prefix in (TRASH_PREFIX, imports.IMPORT_PREFIX):
+    for prefix in (TRASH_PREFIX, import_files.IMPORT_PREFIX):
         for entry in models_dir.glob(f"{prefix}*"):
             _remove(entry)
