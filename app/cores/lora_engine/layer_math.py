@@ -64,7 +64,7 @@ def delta_size(layer: FileLayer) -> tuple[int, int]:
     is partly the base weight's ((IA)³) has no size of its own: :func:`dependent_fit` checks
     it against a weight's shape.
     """
-    if layer.kind is LayerKind.IA3:
+    if layer.kind in WEIGHT_DEPENDENT and layer.kind is not LayerKind.GLORA:
         raise ValueError(f"{layer.name}: a {layer.kind} layer takes its size from the base weight")
     try:
         return _delta_size(layer)
@@ -97,6 +97,8 @@ def _delta_size(layer: FileLayer) -> tuple[int, int]:
         case LayerKind.NORM:
             norm = tensors.get("w_norm")
             return (norm if norm is not None else _need(layer, "b_norm")).shape[0], 1
+        case LayerKind.GLORA:
+            return _glora_size(layer, _glora_old(layer, None))
     raise ValueError(f"{layer.name}: unknown layer kind {layer.kind!r}")
 
 
@@ -114,6 +116,8 @@ def layer_rank(layer: FileLayer) -> int | None:
             return _need(layer, "down").shape[0]
         case LayerKind.LOHA:
             return _need(layer, "hada_w1_b").shape[0]
+        case LayerKind.GLORA:
+            return _glora_rank(layer, _glora_old(layer, None))
         case LayerKind.LOKR:
             for role in ("lokr_w2_b", "lokr_w1_b"):
                 if role in tensors:
@@ -307,6 +311,80 @@ def _ia3_fit(layer: FileLayer, shape: Sequence[int] | None) -> str | None:
     return None
 
 
+_GLORA = ("a1", "a2", "b1", "b2")
+
+
+def _glora_old(layer: FileLayer, shape: Sequence[int] | None) -> bool:
+    """Whether the file has LyCORIS's first GLoRA layout, ``b2 @ b1 + W @ a2 @ a1`` (b2
+    ``(out, r)``, b1 ``(r, in)``, a2 ``(in, r)``, a1 ``(r, in)``; A1111 knows only this one),
+    rather than today's ``b1 @ b2 + W @ a1 @ a2`` (``nn.Linear`` weights: b1 ``(out, r)``, b2
+    ``(r, in[, kh, kw])``, a1 ``(in, r)``, a2 ``(r, in)``). The shapes decide as ComfyUI's
+    ``glora.py`` does; when both layouts fit (square matrices), ComfyUI takes the old one if
+    the weight is square with as many rows as ``a2``; without a weight (the upload check) the
+    layout whose rank is the smaller is taken, which is ComfyUI's choice for every file whose
+    rank is below its width."""
+    a1, a2, b1, b2 = (_need(layer, role).shape for role in _GLORA)
+    old = b2[1] == b1[0] == a1[0] == a2[1]
+    new = b2[0] == b1[1] == a1[1] == a2[0]
+    if old and new:
+        if shape is not None:
+            return a2[0] == shape[0] and len(shape) > 1 and shape[0] == shape[1]
+        return a1[0] <= a2[0]
+    return old
+
+
+def _glora_rank(layer: FileLayer, old: bool) -> int:
+    """LyCORIS ``lora_dim``: ``a1``'s rows in the old layout, ``a2``'s in today's (ComfyUI's)."""
+    return int(_need(layer, "a1" if old else "a2").shape[0])
+
+
+def _glora_size(layer: FileLayer, old: bool) -> tuple[int, int]:
+    b1, b2 = _need(layer, "b1"), _need(layer, "b2")
+    return (b2.shape[0], _cols(b1)) if old else (b1.shape[0], _cols(b2))
+
+
+def _glora_fit(layer: FileLayer, shape: Sequence[int] | None) -> str | None:
+    old = _glora_old(layer, shape)
+    a1, a2, b1, b2 = (_need(layer, role).flatten(1).shape for role in _GLORA)
+    rows, cols = _glora_size(layer, old)
+    if old:  # b2 (out, r) b1 (r, cols); W (out, cols) @ a2 (cols, r) @ a1 (r, cols)
+        fits = b2[1] == b1[0] == a1[0] == a2[1] and a2[0] == a1[1] == cols
+        channels = cols
+    else:  # b1 (out, r) b2 (r, cols); W's input channels @ a1 (in, r) @ a2 (r, in)
+        fits = b1[1] == b2[0] == a1[1] == a2[0] and a1[0] == a2[1]
+        channels = a1[0]
+    if not fits:
+        shapes = ", ".join(str(tuple(_need(layer, role).shape)) for role in _GLORA)
+        return f"has GLoRA matrices a1, a2, b1, b2 of shapes {shapes}, which do not fit"
+    if shape is None:
+        return None
+    weight_cols = math.prod(shape[1:])
+    if (rows, cols) != (shape[0], weight_cols) or len(shape) < 2 or shape[1] != channels:
+        return f"changes a {rows}x{cols} weight; the loaded model's is {shape[0]}x{weight_cols}"
+    return None
+
+
+def _glora_weight(layer: FileLayer, weight: torch.Tensor, strength: float) -> torch.Tensor:
+    """``W + s * alpha/r * (B + W A)`` on the running weight ``W`` (ComfyUI ``glora.py``;
+    LyCORIS ``GLoRAModule.make_weight``, ``get_diff_weight`` at a multiplier). Today's layout:
+    ``B = b1 @ b2``, ``W A`` maps each kernel position's input channels through ``a1 @ a2``;
+    the old one: ``B = b2 @ b1``, ``W A = (W.flatten(1) @ a2) @ a1``. The scale is
+    ``alpha / r`` as LyCORIS and ComfyUI take it; A1111 gives its GLoRA no rank, so scale 1."""
+    old = _glora_old(layer, weight.shape)
+    a1, a2, b1, b2 = (
+        _need(layer, role).to(device=weight.device, dtype=_F32).flatten(1) for role in _GLORA
+    )
+    if old:
+        diff = (b2 @ b1 + (weight.flatten(1) @ a2) @ a1).reshape(weight.shape)
+    else:
+        through_a = torch.einsum("oi...,ir->or...", weight, a1)
+        through_a = torch.einsum("or...,ri->oi...", through_a, a2)
+        diff = through_a + (b1 @ b2).reshape(weight.shape)
+    rank = _glora_rank(layer, old)
+    scale = 1.0 if layer.alpha is None else layer.alpha / rank
+    return weight + (strength * scale) * diff
+
+
 def dependent_fit(layer: FileLayer, shape: Sequence[int] | None) -> str | None:
     """Why a weight-dependent layer cannot change a module weight of ``shape`` (a phrase that
     follows the layer's name), None when it can. ``shape`` None (the upload check, shapes from
@@ -315,6 +393,8 @@ def dependent_fit(layer: FileLayer, shape: Sequence[int] | None) -> str | None:
         match layer.kind:
             case LayerKind.IA3:
                 return _ia3_fit(layer, shape)
+            case LayerKind.GLORA:
+                return _glora_fit(layer, shape)
     except (ValueError, IndexError) as error:
         return f"has tensors that do not fit one another ({error})"
     raise ValueError(f"{layer.name}: a {layer.kind} layer does not depend on the base weight")
@@ -347,4 +427,6 @@ def dependent_weight(layer: FileLayer, weight: torch.Tensor, strength: float) ->
     match layer.kind:
         case LayerKind.IA3:
             return _ia3_weight(layer, weight, strength)
+        case LayerKind.GLORA:
+            return _glora_weight(layer, weight, strength)
     raise ValueError(f"{layer.name}: a {layer.kind} layer does not depend on the base weight")

@@ -32,7 +32,7 @@ from app.cores.lora_files.safetensors_file import SafetensorsHeader
 
 __all__ = ["inspect_lora_header"]
 
-_TYPE_PRIORITY = ("dora", "ia3", "lokr", "loha", "full", "locon", "lora")
+_TYPE_PRIORITY = ("dora", "glora", "ia3", "lokr", "loha", "full", "locon", "lora")
 """A file's network type is its most specific layer's (LyCORIS files mix kinds)."""
 
 

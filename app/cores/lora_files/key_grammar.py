@@ -13,6 +13,7 @@ trainer calls the layer (Kohya ``lora_unet_down_blocks_0_..._to_q``, diffusers
 * LyCORIS LoHa ``.hada_w1_a`` ..., LoKr ``.lokr_w1`` ..., full ``.diff``/``.diff_b``, norms
   ``.w_norm``/``.b_norm``;
 * per-layer ``.alpha``; DoRA: Kohya/LyCORIS ``.dora_scale``, PEFT ``.lora_magnitude_vector``;
+* LyCORIS GLoRA ``.a1.weight``/``.a2.weight``/``.b1.weight``/``.b2.weight``;
 * LyCORIS (IA)³ ``.weight`` + ``.on_input`` (a bare ``.weight`` is (IA)³'s only beside an
   ``.on_input`` of the same module: alone it is a model weight, not a LoRA tensor).
 
@@ -61,6 +62,7 @@ _SUFFIXES: tuple[tuple[str, str], ...] = (
     (".w_norm", "w_norm"),
     (".b_norm", "b_norm"),
     (".on_input", "on_input"),
+    *((f".{role}.weight", role) for role in sorted(ROLES[LayerKind.GLORA])),
     (".lora_linear_layer.down.weight", "down"),
     (".lora_linear_layer.up.weight", "up"),
     (".lora.down.weight", "down"),
@@ -114,6 +116,8 @@ def _kind(name: str, roles: set[str]) -> LayerKind:
             raise LoRAFileError(f"Layer '{name}' has an up/B weight but no down/A weight.")
     if kind is LayerKind.LOHA and not {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= roles:
         raise LoRAFileError(f"Layer '{name}' lacks one of the four LoHa matrices.")
+    if kind is LayerKind.GLORA and not ROLES[LayerKind.GLORA] <= roles:
+        raise LoRAFileError(f"Layer '{name}' lacks one of the four GLoRA matrices.")
     if kind is LayerKind.IA3 and "weight" not in roles:
         raise LoRAFileError(f"Layer '{name}' has an (IA)³ on_input flag but no weight.")
     if kind is LayerKind.LOKR and not (

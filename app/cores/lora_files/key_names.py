@@ -90,11 +90,10 @@ def key_format(key: str) -> LoRAFormat:
 # Variants no supported path applies, found by a marker in any key; checked in order, the
 # first match names the problem. The formats A1111/ComfyUI apply, the engine applies too;
 # these no major UI applies (PEFT's (IA)³ ``ia3_l`` vectors are not LyCORIS's ``.on_input``).
-_NOT_YET = "the backend applies LoRA, LoCon, LoHa, LoKr, full, DoRA and LyCORIS (IA)³ layers"
+_NOT_YET = "the backend applies LoRA, LoCon, LoHa, LoKr, full, DoRA, GLoRA and LyCORIS (IA)³ layers"
 UNSUPPORTED_VARIANTS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(^|[._])ia3_"), f"PEFT (IA)³ (ia3_*) LoRAs are not supported: {_NOT_YET}."),
     (re.compile(r"(^|[._])b?oft_"), f"OFT/BOFT (oft_*) LoRAs are not supported: {_NOT_YET}."),
-    (re.compile(r"\.[ab][12]\.weight$"), f"GLoRA LoRAs are not supported: {_NOT_YET}."),
     (re.compile(r"(^|[._])vera_"), f"VeRA LoRAs are not supported: {_NOT_YET}."),
     (re.compile(r"\.lora_E(\.|$)"), f"AdaLoRA (lora_E) files are not supported: {_NOT_YET}."),
     (

@@ -33,6 +33,9 @@ class LayerKind(StrEnum):
     IA3 = "ia3"
     """LyCORIS (IA)³: one factor per output row (or input column, ``on_input``) of the base
     weight, ``W * (1 + w)``; weight-dependent (see :data:`WEIGHT_DEPENDENT`)."""
+    GLORA = "glora"
+    """LyCORIS GLoRA: ``W @ A + B`` with low-rank ``A`` (``a1``, ``a2``) and ``B`` (``b1``,
+    ``b2``); weight-dependent."""
 
 
 ROLES: Mapping[LayerKind, frozenset[str]] = {
@@ -46,12 +49,13 @@ ROLES: Mapping[LayerKind, frozenset[str]] = {
     LayerKind.FULL: frozenset({"diff", "diff_b"}),
     LayerKind.NORM: frozenset({"w_norm", "b_norm"}),
     LayerKind.IA3: frozenset({"weight", "on_input"}),
+    LayerKind.GLORA: frozenset({"a1", "a2", "b1", "b2"}),
 }
 """The tensor roles of each kind. ``down``/``up``/``mid`` are Kohya's ``lora_down``/``lora_up``/
 ``lora_mid`` and PEFT's ``lora_A``/``lora_B``; ``bias`` is PEFT's ``lora_B.bias``; the LyCORIS
 roles keep their names. Any additive kind may also carry a DoRA magnitude (:class:`DoRA`)."""
 
-WEIGHT_DEPENDENT: frozenset[LayerKind] = frozenset({LayerKind.IA3})
+WEIGHT_DEPENDENT: frozenset[LayerKind] = frozenset({LayerKind.IA3, LayerKind.GLORA})
 """Kinds whose change is a function of the base weight, not a difference to add: fusion applies
 them after the additive sum, on the running weight, in request order (as DoRA layers)."""
 

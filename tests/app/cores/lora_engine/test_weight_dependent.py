@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from app.cores.lora_engine import LoRACache, LoRAIncompatibleError, LoRARequest
 from app.cores.lora_files.inspection import inspect_lora_header
@@ -143,3 +143,89 @@ def test_ia3_on_the_wrong_axis_is_refused(tiny_pipeline: Any, tmp_path: Path) ->
         manager.apply_loras([request]),
     ):
         pass
+
+
+# GLoRA ------------------------------------------------------------------------------------
+
+
+def _glora_new_reference(t: dict[str, torch.Tensor], alpha: float, rank: int) -> Reference:
+    """LyCORIS GLoRAModule (today's layout): W + s * alpha/r * (W A + B), where A maps the
+    input channels (a1 (in, r) @ a2 (r, in)) at every kernel position and B = b1 @ b2."""
+
+    def reference(base: torch.Tensor, strength: float) -> torch.Tensor:
+        a1, a2, b1 = (t[k].double().flatten(1) for k in ("a1", "a2", "b1"))
+        b2 = t["b2"].double().reshape(rank, base.shape[1], -1)
+        flat = base.reshape(base.shape[0], base.shape[1], -1)
+        out = torch.empty_like(flat)
+        for position in range(flat.shape[2]):
+            w = flat[:, :, position]
+            diff = w @ a1 @ a2 + b1 @ b2[:, :, position]
+            out[:, :, position] = w + strength * alpha / rank * diff
+        return out.reshape(base.shape)
+
+    return reference
+
+
+def _glora_old_reference(t: dict[str, torch.Tensor], alpha: float, rank: int) -> Reference:
+    """The first LyCORIS layout (A1111's only one): W + s * alpha/r * (b2 @ b1 + W @ a2 @ a1)."""
+
+    def reference(base: torch.Tensor, strength: float) -> torch.Tensor:
+        a1, a2, b1, b2 = (t[k].double() for k in ("a1", "a2", "b1", "b2"))
+        return base + strength * alpha / rank * (b2 @ b1 + base @ a2 @ a1)
+
+    return reference
+
+
+def _glora_file(path: Path, name: str, shapes: dict[str, tuple[int, ...]], alpha: float) -> Path:
+    generator = torch.Generator().manual_seed(2)
+    tensors = {
+        role: torch.randn(shape, generator=generator) * 0.1 for role, shape in shapes.items()
+    }
+    _save(
+        path,
+        {
+            **{f"{name}.{role}.weight": v for role, v in tensors.items()},
+            f"{name}.alpha": torch.tensor(alpha),
+        },
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("target", "shapes", "old"),
+    [
+        pytest.param(
+            Q, {"a1": (32, 4), "a2": (4, 32), "b1": (32, 4), "b2": (4, 32)}, False, id="linear"
+        ),
+        pytest.param(
+            CONV,
+            {"a1": (32, 4, 1, 1), "a2": (4, 32, 1, 1), "b1": (32, 4, 1, 1), "b2": (4, 32, 3, 3)},
+            False,
+            id="conv",
+        ),
+        pytest.param(
+            FF_OUT,
+            {"a1": (4, 128), "a2": (128, 4), "b1": (4, 128), "b2": (32, 4)},
+            True,
+            id="old-layout",
+        ),
+        pytest.param(
+            Q, {"a1": (4, 32), "a2": (32, 4), "b1": (4, 32), "b2": (32, 4)}, True, id="old-square"
+        ),
+    ],
+)
+def test_glora(
+    tiny_pipeline: Any,
+    tmp_path: Path,
+    target: tuple[str, str],
+    shapes: dict[str, tuple[int, ...]],
+    old: bool,
+) -> None:
+    name, module = target
+    path = _glora_file(tmp_path / "glora.safetensors", name, shapes, alpha=2.0)
+
+    stored = {
+        k.rsplit(".", 2)[1]: v for k, v in load_file(str(path)).items() if k.endswith(".weight")
+    }
+    reference = (_glora_old_reference if old else _glora_new_reference)(stored, 2.0, 4)
+    _check(tiny_pipeline, path, module, reference, "glora")

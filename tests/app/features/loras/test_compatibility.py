@@ -231,7 +231,7 @@ UNSUPPORTED: dict[str, tuple[dict[str, tuple[int, ...]], str]] = {
     "peft_ia3": ({f"{_PEFT_Q}.ia3_l": (32,)}, "PEFT (IA)³"),
     "oft": ({f"{_Q}.oft_blocks": (4, 8, 8), f"{_Q}.alpha": ()}, "OFT"),
     "boft": ({f"{_PEFT_Q}.boft_R": (1, 4, 8, 8)}, "OFT/BOFT"),
-    "glora": ({f"{_Q}.a1.weight": (4, 32), f"{_Q}.a2.weight": (32, 4)}, "GLoRA"),
+    "vera": ({f"{_PEFT_Q}.vera_lambda_b": (32,)}, "VeRA"),
 }
 
 

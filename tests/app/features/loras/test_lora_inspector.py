@@ -98,7 +98,7 @@ def test_kohya_dora_is_applied_unlike_diffusers_which_drops_dora_scale(
     [
         ((".ia3_l",), r"PEFT \(IA\)³"),
         ((".oft_blocks", ".alpha"), "OFT/BOFT"),
-        ((".a1.weight", ".a2.weight", ".b1.weight", ".b2.weight"), "GLoRA"),
+        ((".vera_lambda_b",), "VeRA"),
     ],
 )
 def test_variants_no_supported_path_applies_are_refused_by_name(
