@@ -22,13 +22,9 @@ from dataclasses import replace
 import torch
 
 from app.cores.lora_engine.backups import BackupPool
+from app.cores.lora_engine.dependent_math import dependent_weight
 from app.cores.lora_engine.key_mapping import KeyMapper
-from app.cores.lora_engine.layer_math import (
-    bias_delta,
-    dependent_weight,
-    layer_scale,
-    weight_delta,
-)
+from app.cores.lora_engine.layer_math import bias_delta, layer_scale, weight_delta
 from app.cores.lora_engine.preparation import PreparedLayer, PreparedLoRA
 from app.cores.lora_engine.request import LoRARequest
 from app.cores.lora_files.layers import WEIGHT_DEPENDENT, LayerKind, Target

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import torch
 from safetensors import SafetensorError, safe_open
 
+from app.cores.lora_engine.dependent_math import dependent_fit
 from app.cores.lora_engine.errors import LoRAIncompatibleError
 from app.cores.lora_engine.key_mapping import KeyMapper
-from app.cores.lora_engine.layer_math import delta_size, dependent_fit
+from app.cores.lora_engine.layer_math import delta_size
 from app.cores.lora_engine.request import LoRARequest
 from app.cores.lora_files.key_grammar import LoRAFileError, read_layers
 from app.cores.lora_files.layers import WEIGHT_DEPENDENT, FileLayer, LayerKind, Target

@@ -15,7 +15,8 @@ from collections import Counter
 
 import torch
 
-from app.cores.lora_engine.layer_math import delta_size, dependent_fit, layer_rank
+from app.cores.lora_engine.dependent_math import dependent_fit
+from app.cores.lora_engine.layer_math import delta_size, layer_rank
 from app.cores.lora_files.inspection_types import InvalidLoRAError, LoRAInspection, examples
 from app.cores.lora_files.key_grammar import LoRAFileError, read_layers, split_key
 from app.cores.lora_files.key_names import (
@@ -32,7 +33,7 @@ from app.cores.lora_files.safetensors_file import SafetensorsHeader
 
 __all__ = ["inspect_lora_header"]
 
-_TYPE_PRIORITY = ("dora", "glora", "ia3", "lokr", "loha", "full", "locon", "lora")
+_TYPE_PRIORITY = ("dora", "oft", "glora", "ia3", "lokr", "loha", "full", "locon", "lora")
 """A file's network type is its most specific layer's (LyCORIS files mix kinds)."""
 
 

@@ -62,6 +62,8 @@ _SUFFIXES: tuple[tuple[str, str], ...] = (
     (".w_norm", "w_norm"),
     (".b_norm", "b_norm"),
     (".on_input", "on_input"),
+    (".oft_blocks", "oft_blocks"),
+    (".oft_diag", "oft_diag"),
     *((f".{role}.weight", role) for role in sorted(ROLES[LayerKind.GLORA])),
     (".lora_linear_layer.down.weight", "down"),
     (".lora_linear_layer.up.weight", "up"),
@@ -118,6 +120,8 @@ def _kind(name: str, roles: set[str]) -> LayerKind:
         raise LoRAFileError(f"Layer '{name}' lacks one of the four LoHa matrices.")
     if kind is LayerKind.GLORA and not ROLES[LayerKind.GLORA] <= roles:
         raise LoRAFileError(f"Layer '{name}' lacks one of the four GLoRA matrices.")
+    if kind is LayerKind.OFT and {"oft_blocks", "oft_diag"} <= roles:
+        raise LoRAFileError(f"Layer '{name}' has both OFT block forms (oft_blocks, oft_diag).")
     if kind is LayerKind.IA3 and "weight" not in roles:
         raise LoRAFileError(f"Layer '{name}' has an (IA)³ on_input flag but no weight.")
     if kind is LayerKind.LOKR and not (

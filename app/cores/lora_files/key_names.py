@@ -93,7 +93,7 @@ def key_format(key: str) -> LoRAFormat:
 _NOT_YET = "the backend applies LoRA, LoCon, LoHa, LoKr, full, DoRA, GLoRA and LyCORIS (IA)³ layers"
 UNSUPPORTED_VARIANTS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(^|[._])ia3_"), f"PEFT (IA)³ (ia3_*) LoRAs are not supported: {_NOT_YET}."),
-    (re.compile(r"(^|[._])b?oft_"), f"OFT/BOFT (oft_*) LoRAs are not supported: {_NOT_YET}."),
+    (re.compile(r"(^|[._])boft_"), f"BOFT (boft_*) LoRAs are not supported: {_NOT_YET}."),
     (re.compile(r"(^|[._])vera_"), f"VeRA LoRAs are not supported: {_NOT_YET}."),
     (re.compile(r"\.lora_E(\.|$)"), f"AdaLoRA (lora_E) files are not supported: {_NOT_YET}."),
     (

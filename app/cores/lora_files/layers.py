@@ -36,6 +36,10 @@ class LayerKind(StrEnum):
     GLORA = "glora"
     """LyCORIS GLoRA: ``W @ A + B`` with low-rank ``A`` (``a1``, ``a2``) and ``B`` (``b1``,
     ``b2``); weight-dependent."""
+    OFT = "oft"
+    """LyCORIS diag-OFT: a block-diagonal rotation of the base weight's output rows (Cayley
+    transform of skew-symmetric blocks, ``oft_blocks``; older files ``oft_diag``);
+    weight-dependent."""
 
 
 ROLES: Mapping[LayerKind, frozenset[str]] = {
@@ -50,12 +54,13 @@ ROLES: Mapping[LayerKind, frozenset[str]] = {
     LayerKind.NORM: frozenset({"w_norm", "b_norm"}),
     LayerKind.IA3: frozenset({"weight", "on_input"}),
     LayerKind.GLORA: frozenset({"a1", "a2", "b1", "b2"}),
+    LayerKind.OFT: frozenset({"oft_blocks", "oft_diag"}),
 }
 """The tensor roles of each kind. ``down``/``up``/``mid`` are Kohya's ``lora_down``/``lora_up``/
 ``lora_mid`` and PEFT's ``lora_A``/``lora_B``; ``bias`` is PEFT's ``lora_B.bias``; the LyCORIS
 roles keep their names. Any additive kind may also carry a DoRA magnitude (:class:`DoRA`)."""
 
-WEIGHT_DEPENDENT: frozenset[LayerKind] = frozenset({LayerKind.IA3, LayerKind.GLORA})
+WEIGHT_DEPENDENT: frozenset[LayerKind] = frozenset({LayerKind.IA3, LayerKind.GLORA, LayerKind.OFT})
 """Kinds whose change is a function of the base weight, not a difference to add: fusion applies
 them after the additive sum, on the running weight, in request order (as DoRA layers)."""
 

@@ -229,3 +229,56 @@ def test_glora(
     }
     reference = (_glora_old_reference if old else _glora_new_reference)(stored, 2.0, 4)
     _check(tiny_pipeline, path, module, reference, "glora")
+
+
+# OFT ----------------------------------------------------------------------------------------
+
+
+def _oft_reference(blocks: torch.Tensor, alpha: float | None) -> Reference:
+    """LyCORIS diag-OFT, literally: per block Q = B - B^T (the whole set scaled down to norm
+    alpha * rows when longer), R = (I + Q) (I - Q)^-1, blended with I by the strength, and
+    the block's rows of W replaced by R^T @ rows."""
+
+    def expected(weight: torch.Tensor, strength: float) -> torch.Tensor:
+        count, size = blocks.shape[0], blocks.shape[1]
+        skew = blocks.double() - blocks.double().transpose(1, 2)
+        if alpha:
+            limit = alpha * weight.shape[0]
+            norm = float(torch.sqrt((skew**2).sum()))
+            if norm + 1e-8 > limit:
+                skew = skew * (limit / (norm + 1e-8))
+        result = weight.clone()
+        eye = torch.eye(size, dtype=torch.float64)
+        for k in range(count):
+            rotation = (eye + skew[k]) @ torch.linalg.inv(eye - skew[k])
+            blended = strength * rotation + (1 - strength) * eye
+            rows = weight[k * size : (k + 1) * size].reshape(size, -1)
+            result[k * size : (k + 1) * size] = (blended.T @ rows).reshape(
+                weight[k * size : (k + 1) * size].shape
+            )
+        return result
+
+    return expected
+
+
+@pytest.mark.parametrize(
+    ("target", "role", "alpha"),
+    [
+        (Q, "oft_blocks", 0.01),  # alpha * 32 rows is below the blocks' norm: scaled down
+        (Q, "oft_blocks", None),
+        (CONV, "oft_blocks", 1e-3),
+        (Q, "oft_diag", None),  # older files: never constrained
+    ],
+    ids=["linear-constrained", "linear", "conv-constrained", "oft-diag"],
+)
+def test_oft(
+    tiny_pipeline: Any, tmp_path: Path, target: tuple[str, str], role: str, alpha: float | None
+) -> None:
+    name, module = target
+    blocks = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(3)) * 0.05
+    tensors = {f"{name}.{role}": blocks}
+    if alpha is not None:
+        tensors[f"{name}.alpha"] = torch.tensor(alpha)
+    path = _save(tmp_path / "oft.safetensors", tensors)
+    constrained = alpha if role == "oft_blocks" else None
+    _check(tiny_pipeline, path, module, _oft_reference(blocks, constrained), "oft")

@@ -229,8 +229,7 @@ async def test_lycoris_variants_upload_and_change_the_image(
 _PEFT_Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 UNSUPPORTED: dict[str, tuple[dict[str, tuple[int, ...]], str]] = {
     "peft_ia3": ({f"{_PEFT_Q}.ia3_l": (32,)}, "PEFT (IA)³"),
-    "oft": ({f"{_Q}.oft_blocks": (4, 8, 8), f"{_Q}.alpha": ()}, "OFT"),
-    "boft": ({f"{_PEFT_Q}.boft_R": (1, 4, 8, 8)}, "OFT/BOFT"),
+    "boft": ({f"{_PEFT_Q}.boft_R": (1, 4, 8, 8)}, "BOFT"),
     "vera": ({f"{_PEFT_Q}.vera_lambda_b": (32,)}, "VeRA"),
 }
 

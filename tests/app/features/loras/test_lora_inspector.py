@@ -97,7 +97,7 @@ def test_kohya_dora_is_applied_unlike_diffusers_which_drops_dora_scale(
     ("suffixes", "variant"),
     [
         ((".ia3_l",), r"PEFT \(IA\)³"),
-        ((".oft_blocks", ".alpha"), "OFT/BOFT"),
+        ((".boft_R",), "BOFT"),
         ((".vera_lambda_b",), "VeRA"),
     ],
 )
