@@ -37,7 +37,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from app.cores.lora_files.base_model import base_model_of, conflict_note
+from app.cores.lora_files.base_model_verdict import base_model_of, conflict_note
 from app.cores.lora_files.inspection_types import LoRAInspection
 from app.cores.lora_files.safetensors_file import SafetensorsHeader
 from app.cores.model_manager.model_family import ModelFamily

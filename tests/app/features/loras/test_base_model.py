@@ -16,13 +16,11 @@ import torch
 from diffusers import DiffusionPipeline
 from safetensors.torch import save_file
 
-from app.cores.lora_files.base_model import (
-    Detection,
+from app.cores.lora_files.base_model import Detection, _lycoris_widths, detect_base_model
+from app.cores.lora_files.base_model_verdict import (
     MetadataClaim,
-    _lycoris_widths,
     base_model_of,
     conflict_note,
-    detect_base_model,
     metadata_claim,
     resolve_base_model,
 )
