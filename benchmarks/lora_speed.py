@@ -71,6 +71,7 @@ import argparse
 import contextlib
 import datetime
 import gc
+import json
 import os
 import tempfile
 import time
@@ -205,6 +206,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="models are built under <cache>/models (default: $LOCALAI_CACHE_DIR or .cache)",
     )
     parser.add_argument("--output", type=Path, default=None, help="also write the table here")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=Path(__file__).parent / "results" / "latest.json",
+        help="write the rows as JSON here (default: benchmarks/results/latest.json)",
+    )
     parser.add_argument("--cycles", type=int, default=100, help="apply/generate/remove cycles")
     parser.add_argument(
         "--cycle-budget-s",
@@ -262,7 +269,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(table)
+    write_json(args.json, device, header, rows)
     return 0
+
+
+def write_json(
+    path: Path, device: torch.device, header: Sequence[str], rows: Sequence[Row]
+) -> None:
+    """The table's rows as JSON, with what they were measured on (README's table follows it)."""
+    import diffusers
+    import peft
+
+    document = {
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "device": str(device),
+        "machine": header[0],
+        "load": header[2],
+        "versions": {
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "peft": peft.__version__,
+        },
+        "rows": [row.as_json() for row in rows],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n")
+    print(f"Rows written to {path}")
 
 
 if __name__ == "__main__":

@@ -67,6 +67,26 @@ class Row:
     median: str
     spread: str
     notes: str = ""
+    median_ms: float | None = None
+    """The numbers behind ``median`` and ``spread`` for timed rows (None for notes)."""
+    min_ms: float | None = None
+    max_ms: float | None = None
+    samples: int | None = None
+
+    def as_json(self) -> dict[str, object]:
+        """The row for ``benchmarks/results/latest.json``: a script can compare runs."""
+        return {
+            "model": self.model,
+            "row": self.name,
+            "median": self.median_ms,
+            "min": self.min_ms,
+            "max": self.max_ms,
+            "unit": "ms" if self.median_ms is not None else None,
+            "samples": self.samples,
+            "value": self.median,
+            "spread": self.spread,
+            "notes": self.notes,
+        }
 
 
 @dataclass
@@ -97,6 +117,10 @@ class Bench:
                 f"{median:.1f} ms",
                 f"{low:.1f}–{high:.1f} ({kind}, n={len(samples)})",
                 notes,
+                median_ms=median,
+                min_ms=min(samples),
+                max_ms=max(samples),
+                samples=len(samples),
             )
         )
         return median

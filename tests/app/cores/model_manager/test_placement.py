@@ -1,7 +1,7 @@
 """Where a model's weights live: whole on the GPU when they fit the user's share, else
 offloaded (model offload when the largest part fits, sequential otherwise), and in which
-precision. The choice is a pure function of sizes, so it is checked here without a GPU;
-the GPU run itself is in the device check script (``benchmarks``)."""
+precision. The choice is a pure function of sizes, so it is checked here without a GPU; the
+offload calls themselves need a CUDA device and have not run on one yet."""
 
 from __future__ import annotations
 
