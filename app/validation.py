@@ -8,6 +8,7 @@ Hub client would see another name than the one we checked).
 
 from __future__ import annotations
 
+import pathlib
 from typing import Annotated
 
 from fastapi import Path
@@ -40,6 +41,21 @@ DatabaseIdPath = Annotated[int, Path(ge=0, le=MAX_DATABASE_ID)]
 def control_character_in(text: str) -> str | None:
     """The first control character (C0, DEL or C1) in ``text``, or None."""
     return next((c for c in text if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0), None)
+
+
+def user_path(text: str) -> pathlib.Path:
+    """The path a user typed (a LoRA or a model to add), ``~`` expanded; ValueError with a
+    sentence for the user when no file can have it."""
+    found = control_character_in(text)
+    if found is not None:
+        raise ValueError(
+            f"The path is invalid: it contains a control character (U+{ord(found):04X})."
+        )
+    try:
+        return pathlib.Path(text).expanduser()
+    except RuntimeError:  # ~name of a user that does not exist, or no home folder
+        user = text.split("/", 1)[0]
+        raise ValueError(f"The path is invalid: there is no home folder for {user}.") from None
 
 
 def _no_control_characters(text: str) -> str:

@@ -31,7 +31,7 @@ from app.cores.lora_files.safetensors_file import SafetensorsError, SafetensorsH
 from app.database.models import LoRAFacts
 from app.exceptions import BadRequestError
 from app.platform.disk_space import disk_full_error, is_disk_full
-from app.validation import control_character_in
+from app.validation import user_path
 
 logger = logging.getLogger(__name__)
 
@@ -84,16 +84,10 @@ def check_source(file_path: str, max_size: int) -> Path:
 
 def _user_path(file_path: str) -> Path:
     """The path the user typed, with ``~`` expanded; refused when no file can have it."""
-    found = control_character_in(file_path)
-    if found is not None:
-        raise LoRAFileError(
-            f"The path is invalid: it contains a control character (U+{ord(found):04X})."
-        )
     try:
-        return Path(file_path).expanduser()
-    except RuntimeError:  # ~name of a user that does not exist, or no home folder
-        user = file_path.split("/", 1)[0]
-        raise LoRAFileError(f"The path is invalid: there is no home folder for {user}.") from None
+        return user_path(file_path)
+    except ValueError as error:
+        raise LoRAFileError(str(error)) from None
 
 
 def check_name(file_name: str, *, pickle_only: bool = False) -> None:

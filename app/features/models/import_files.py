@@ -37,7 +37,7 @@ from app.exceptions import BadRequestError, ConflictError
 from app.platform.events import EventEmitter
 from app.platform.socket_events import DownloadStepProgress
 from app.platform.storage import Storage
-from app.validation import control_character_in
+from app.validation import user_path
 
 logger = logging.getLogger(__name__)
 
@@ -59,15 +59,10 @@ class ImportRefused(BadRequestError):
 
 
 def _user_path(text: str) -> Path:
-    found = control_character_in(text)
-    if found is not None:
-        raise ImportRefused(
-            f"The path is invalid: it contains a control character (U+{ord(found):04X})."
-        )
     try:
-        return Path(text).expanduser()
-    except RuntimeError:
-        raise ImportRefused(f"The path is invalid: there is no home folder for {text}.") from None
+        return user_path(text)
+    except ValueError as error:
+        raise ImportRefused(str(error)) from None
 
 
 def pickle_refusal(name: str) -> str | None:
