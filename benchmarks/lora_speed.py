@@ -68,10 +68,7 @@ the LoRA set are in :mod:`benchmarks.models`, the timing and memory helpers in
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import gc
-import json
 import os
 import tempfile
 import time
@@ -87,6 +84,7 @@ import torch
 from app.logging_setup import configure_logging
 from benchmarks.measure import Bench, Clock, OtherProcesses, Row, progress
 from benchmarks.models import MODELS, ModelSpec, load_manager, prepare_model, write_lora_set
+from benchmarks.results import DEFAULT_PATH, cpu_name, load_line, local_time, write_section
 from benchmarks.rows import bench_apply_remove, bench_memory, bench_steps
 
 # ---------------------------------------------------------------------------------------------
@@ -118,28 +116,15 @@ def summary_lines(bench: Bench) -> list[str]:
 
 
 def machine_line(device: torch.device) -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     where = f"{device.type}, fp32"
     if device.type == "cuda":
         where = f"cuda ({torch.cuda.get_device_name(device)}), fp16"
-    date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     omp = os.environ.get("OMP_WAIT_POLICY", "default")
     return (
-        f"Machine: {cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads, "
-        f"OMP_WAIT_POLICY {omp}), torch {torch.__version__}, diffusers {diffusers.__version__}, "
-        f"peft {peft.__version__}; device {where}; {date}"
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores ({torch.get_num_threads()} torch "
+        f"threads, OMP_WAIT_POLICY {omp}), torch {torch.__version__}, diffusers "
+        f"{diffusers.__version__}, peft {peft.__version__}; device {where}; {local_time()}"
     )
-
-
-def load_line(label: str) -> str:
-    """The machine's load average: other work on a shared machine inflates every timing."""
-    one, five, fifteen = os.getloadavg()
-    return f"load average {label}: {one:.2f} / {five:.2f} / {fifteen:.2f} (1 / 5 / 15 min)"
 
 
 def render(header: Sequence[str], rows: Sequence[Row], footer: Sequence[str]) -> str:
@@ -209,7 +194,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--json",
         type=Path,
-        default=Path(__file__).parent / "results" / "latest.json",
+        default=DEFAULT_PATH,
         help="write the rows as JSON here (default: benchmarks/results/latest.json)",
     )
     parser.add_argument("--cycles", type=int, default=100, help="apply/generate/remove cycles")
@@ -269,32 +254,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(table)
-    write_json(args.json, device, header, rows)
+    write_section(
+        args.json, "lora_speed", device=str(device), machine=header[0], load=header[2], rows=rows
+    )
     return 0
-
-
-def write_json(
-    path: Path, device: torch.device, header: Sequence[str], rows: Sequence[Row]
-) -> None:
-    """The table's rows as JSON, with what they were measured on (README's table follows it)."""
-    import diffusers
-    import peft
-
-    document = {
-        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "device": str(device),
-        "machine": header[0],
-        "load": header[2],
-        "versions": {
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "peft": peft.__version__,
-        },
-        "rows": [row.as_json() for row in rows],
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n")
-    print(f"Rows written to {path}")
 
 
 if __name__ == "__main__":
