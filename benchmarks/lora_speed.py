@@ -36,9 +36,10 @@ SD 1.5-sized one; spread is p10–p90 with 10 or more samples, else min–max):
 ``ours: switch {1,2,3} <-> {3,4,5}``
     Alternating two prepared sets that share one LoRA; one sample is one set's enter + exit.
 ``floor``
-    What no apply can beat: a ``clone`` of one flat tensor as large as the set's prepared
-    tensors (reading the LoRA bytes once) plus a ``copy_`` into tensors shaped like the weights
-    the set touches (one pass over them).
+    What no apply can beat (:mod:`benchmarks.floor`): the larger of the memory traffic (the
+    set's LoRA factors read once, the touched weights read and written once) at the memory
+    bandwidth and the fusion's matmul FLOPs at the matmul rate, both rates measured in each
+    round of this run (rows ``machine: memory bandwidth`` and ``machine: matmul rate``).
 ``step: base`` / ``step: 5 fused (ours)`` / ``step: 5 unfused adapters (naive)``
     One UNet forward on a classifier-free-guidance batch of 2, the unit of the denoising loop
     (64x64 px; 512x512 px for the SD 1.5-sized model on CUDA): without LoRAs, inside
@@ -111,7 +112,8 @@ def summary_lines(bench: Bench) -> list[str]:
         f"base ({m['step_fused']:.1f} vs {m['step_base']:.1f} ms); 5 unfused adapters "
         f"{100 * (m['step_unfused'] / m['step_base'] - 1):+.1f} % ({m['step_unfused']:.1f} ms).",
         f"- {label}: with the cache off the app's apply + remove is {m['cache_off']:.1f} ms "
-        f"({speedup(m['naive'], m['cache_off'])} than naive: it also prepares every file).",
+        f"({speedup(m['naive'], m['cache_off'])} than naive; each file is prepared, then loaded "
+        "the naive way).",
     ]
 
 

@@ -72,6 +72,7 @@ class Row:
     min_ms: float | None = None
     max_ms: float | None = None
     samples: int | None = None
+    unit: str = "ms"
 
     def as_json(self) -> dict[str, object]:
         """The row for ``benchmarks/results/latest.json``: a script can compare runs."""
@@ -81,7 +82,7 @@ class Row:
             "median": self.median_ms,
             "min": self.min_ms,
             "max": self.max_ms,
-            "unit": "ms" if self.median_ms is not None else None,
+            "unit": self.unit if self.median_ms is not None else None,
             "samples": self.samples,
             "value": self.median,
             "spread": self.spread,
@@ -100,13 +101,14 @@ class Bench:
     repeats: int
     rows: list[Row] = field(default_factory=list)
     medians: dict[str, float] = field(default_factory=dict)
-    floor_notes: str = ""
 
     @property
     def device(self) -> torch.device:
         return self.clock.device
 
-    def timing(self, key: str, name: str, samples: Sequence[float], notes: str = "") -> float:
+    def timing(
+        self, key: str, name: str, samples: Sequence[float], notes: str = "", unit: str = "ms"
+    ) -> float:
         median = statistics.median(samples)
         low, high, kind = spread(samples)
         self.medians[key] = median
@@ -114,13 +116,14 @@ class Bench:
             Row(
                 self.spec.label,
                 name,
-                f"{median:.1f} ms",
+                f"{median:.1f} {unit}",
                 f"{low:.1f}–{high:.1f} ({kind}, n={len(samples)})",
                 notes,
                 median_ms=median,
                 min_ms=min(samples),
                 max_ms=max(samples),
                 samples=len(samples),
+                unit=unit,
             )
         )
         return median

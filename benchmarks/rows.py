@@ -17,9 +17,9 @@ import torch
 from diffusers import EulerDiscreteScheduler
 
 from app.cores.lora_engine import LoRACache, LoRAEngine, LoRARequest
-from app.cores.lora_engine.layer_math import layer_rank
 from app.cores.lora_engine.preparation import PreparedLoRA
 from app.cores.model_manager.pipeline_manager import DiffusionParams, PipelineManager
+from benchmarks.floor import Floor, FloorSample
 from benchmarks.measure import Bench, MiB, progress, rss_bytes, trimmed_rss_bytes
 from benchmarks.models import weight_bytes
 
@@ -56,7 +56,8 @@ def bench_apply_remove(bench: Bench) -> None:
     cache_off = LoRAEngine(pipeline, manager.family, bench.device, LoRACache(0, 0))
     sets = [requests[0:3], requests[2:5]]
     samples: dict[str, list[float]] = {}
-    floor: Callable[[], None] | None = None
+    floor: Floor | None = None
+    floor_samples: list[FloorSample] = []
     for round_index in range(bench.repeats + 1):
         measured: dict[str, float] = {}
         gc.collect()
@@ -80,12 +81,36 @@ def bench_apply_remove(bench: Bench) -> None:
             entered, exited = clock.enter_exit_ms(manager.apply_loras(chosen))
             measured[f"switch_{index}"] = entered + exited
         if floor is None:
-            floor = floor_pass(bench)
-        measured["floor"] = clock.ms(floor)
+            floor = Floor(pipeline, prepared_set(bench), bench.device)
+        floor_sample = floor.measure()
+        measured["floor"] = floor_sample.floor_ms
+        if round_index > 0:
+            floor_samples.append(floor_sample)
         if round_index > 0:
             for key, value in measured.items():
                 samples.setdefault(key, []).append(value)
     report_apply_remove(bench, samples)
+    assert floor is not None
+    bench.timing(
+        "floor",
+        "floor: max(memory traffic at measured bandwidth, fusion FLOPs at measured matmul rate)",
+        samples["floor"],
+        floor.describe(floor_samples),
+    )
+    bench.timing(
+        "bandwidth",
+        "machine: memory bandwidth (256 MiB copy_, read + write, best of 3 per round)",
+        [s.bandwidth_gbs for s in floor_samples],
+        unit="GB/s",
+    )
+    bench.timing(
+        "matmul_rate",
+        f"machine: matmul rate ({floor.dtype} square mm, best of 3 per round)".replace(
+            "torch.", ""
+        ),
+        [s.matmul_gflops for s in floor_samples],
+        unit="GFLOP/s",
+    )
 
 
 def _sum(*series: list[float]) -> list[float]:
@@ -132,12 +157,6 @@ def report_apply_remove(bench: Bench, samples: dict[str, list[float]]) -> None:
         f"one sample = one set's enter + exit; {{1,2,3}} {median(samples['switch_0']):.1f} / "
         f"{{3,4,5}} {median(samples['switch_1']):.1f} ms",
     )
-    bench.timing(
-        "floor",
-        "floor: read the set's LoRA bytes once + one pass over touched weights",
-        samples["floor"],
-        bench.floor_notes,
-    )
 
 
 def prepared_set(bench: Bench) -> list[PreparedLoRA]:
@@ -145,67 +164,6 @@ def prepared_set(bench: Bench) -> list[PreparedLoRA]:
     found = [entry for entry in entries if entry is not None]
     assert len(found) == len(entries), "run cold first"
     return found
-
-
-def touched_weights(
-    pipeline: Any, entries: Sequence[PreparedLoRA]
-) -> dict[tuple[str, str], torch.Tensor]:
-    """The weight tensors the LoRAs change, each once, by (component, module name)."""
-    keys = {
-        (target.component, target.module)
-        for entry in entries
-        for prepared in entry.layers
-        for target in prepared.targets
-    }
-    weights = {}
-    for component, module_name in sorted(keys):
-        weight = getattr(pipeline, component).get_submodule(module_name).weight
-        assert isinstance(weight, torch.Tensor)
-        weights[(component, module_name)] = weight.detach()
-    return weights
-
-
-def delta_gflop(
-    entries: Sequence[PreparedLoRA], weights: dict[tuple[str, str], torch.Tensor]
-) -> float:
-    """Multiply-adds of the fused deltas (rows x rank x columns per layer target), in GFLOP."""
-    total = 0
-    for entry in entries:
-        for prepared in entry.layers:
-            rank = layer_rank(prepared.layer) or 0
-            for target in prepared.targets:
-                weight = weights[(target.component, target.module)]
-                rows = (
-                    weight.shape[0] if target.rows is None else target.rows.stop - target.rows.start
-                )
-                total += 2 * rows * (weight.numel() // weight.shape[0]) * rank
-    return total / 1e9
-
-
-def floor_pass(bench: Bench) -> Callable[[], None]:
-    """clone of the set's LoRA bytes + copy_ over tensors shaped like the touched weights."""
-    entries = prepared_set(bench)
-    touched = touched_weights(bench.manager.pipeline, entries)
-    weights = list(touched.values())
-    lora_bytes = sum(entry.nbytes for entry in entries)
-    dtype = weights[0].dtype
-    element = torch.empty((), dtype=dtype).element_size()
-    flat = torch.randn(lora_bytes // element, device=bench.device).to(dtype)
-    copies = [torch.empty_like(weight) for weight in weights]
-    touched_bytes = sum(weight.numel() * weight.element_size() for weight in weights)
-    bench.floor_notes = (
-        f"LoRA factors {lora_bytes / MiB:.1f} MiB; {len(weights)} touched tensors "
-        f"{touched_bytes / MiB:.1f} MiB; fusing also needs {delta_gflop(entries, touched):.3g} "
-        "GFLOP of matmuls, not in the floor"
-    )
-
-    def one_pass() -> None:
-        flat.clone()
-        with torch.no_grad():
-            for target, weight in zip(copies, weights, strict=True):
-                target.copy_(weight)
-
-    return one_pass
 
 
 def make_unet_step(bench: Bench, px: int) -> Callable[[], torch.Tensor]:
