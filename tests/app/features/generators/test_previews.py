@@ -1,20 +1,25 @@
-"""Latent previews decode to real PNGs at latent resolution, whatever the tensor looks like."""
+"""Latent previews decode to real PNGs at latent resolution, whatever the tensor looks like,
+with the latent map's pixels, and without torch kernels (which may wake its thread pool)."""
 
 from __future__ import annotations
 
 import base64
 import io
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from app.cores.model_manager.model_family import ModelFamily
 from app.features.generators.previews import (
     FLUX_PREVIEW,
     SD3_PREVIEW,
     SD_PREVIEW,
+    LatentPreview,
+    _png_base64,
     latents_to_preview_pngs,
     preview_for,
 )
@@ -103,3 +108,64 @@ def test_non_finite_values_do_not_break_the_preview() -> None:
 def test_latents_that_need_grad_are_accepted() -> None:
     latents = _latents(1, 4, 8, 8).requires_grad_()
     assert _decode(latents_to_preview_pngs(latents)[0]).mode == "RGB"
+
+
+@pytest.mark.parametrize(
+    ("channels", "preview"), [(4, SD_PREVIEW), (16, SD3_PREVIEW), (16, FLUX_PREVIEW)]
+)
+def test_pixels_are_the_latent_map_rounded(channels: int, preview: LatentPreview) -> None:
+    latents = _latents(2, channels, 6, 10) * 2
+    # The map in float64, straight from its definition: rgb = latents x factors + bias, from
+    # [-1, 1] to [0, 255]; float32 may land a pixel one level off where float64 rounds .5.
+    rgb = (
+        np.einsum("bchw,cr->bhwr", latents.double().numpy(), preview.factors.double().numpy())
+        + preview.bias.double().numpy()
+    )
+    expected = np.clip(rgb * 127.5 + 127.5, 0, 255).round()
+    for encoded, want in zip(latents_to_preview_pngs(latents, preview), expected, strict=True):
+        got = np.asarray(_decode(encoded), dtype=float)
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= 1
+        assert (got == want).mean() > 0.99
+
+
+class _RecordedOps(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """The torch kernels (aten operators) that run inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_cpu_float32_latents_run_no_torch_kernel() -> None:
+    # The preview runs in the denoising loop's step callback: a torch kernel on the CPU may
+    # wake torch's intra-op thread pool, which on a busy machine costs a scheduler time slice
+    # per kernel. The arithmetic is NumPy's; torch only hands over its buffer.
+    sixteen, four = _latents(4, 16, 32, 32), _latents(4, 4, 32, 32)
+    with _RecordedOps() as recorded:
+        latents_to_preview_pngs(sixteen, SD3_PREVIEW)
+        latents_to_preview_pngs(four, SD_PREVIEW)
+        latents_to_preview_pngs(sixteen, SD_PREVIEW)  # the grayscale fallback
+    assert recorded.ops
+    assert set(recorded.ops) == {"aten.detach.default"}
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (12, 20, 3), (7, 33, 3), (1, 1), (12, 20)])
+def test_preview_pngs_are_valid_and_lossless(shape: tuple[int, ...]) -> None:
+    pixels = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    data = base64.b64decode(_png_base64(pixels), validate=True)
+    checked = Image.open(io.BytesIO(data))
+    checked.verify()  # chunk layout and every CRC
+    image = _decode(_png_base64(pixels))
+    assert image.mode == ("RGB" if len(shape) == 3 else "L")
+    assert np.array_equal(np.asarray(image), pixels)
