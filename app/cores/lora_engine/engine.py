@@ -56,6 +56,7 @@ class LoRAEngine:
         cache: LoRACache,
         *,
         weights_streamed: bool = False,
+        weights_offloaded: bool = False,
     ) -> None:
         self._pipeline = pipeline
         self._weights_streamed = weights_streamed
@@ -65,8 +66,10 @@ class LoRAEngine:
         self._device = device
         self.cache = cache
         self._mapper = KeyMapper(pipeline)
-        self.backups = BackupPool()
-        """Copies of the weights the current request changed (reused across requests)."""
+        self.backups = BackupPool(swap=device.type == "cpu" and not weights_offloaded)
+        """Keeps the base weights the current request changed (buffers reused across
+        requests): swapped on a CPU pipeline, copied to host memory on a GPU or when the
+        model is offloaded (its modules move between devices)."""
 
     @contextlib.contextmanager
     def applied(self, requests: Sequence[LoRARequest]) -> Iterator[None]:
@@ -122,7 +125,7 @@ class LoRAEngine:
         for request in requests:
             entry = self.cache.get(request.content_key)
             if entry is None:
-                entry = prepare(request, self._mapper, self._device)
+                entry = prepare(request, self._mapper, pin_memory=self._device.type == "cuda")
                 self.cache.put(entry, keep)
             entries.append(entry)
         return entries

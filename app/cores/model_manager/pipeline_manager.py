@@ -156,6 +156,7 @@ class PipelineManager:
             device if placement is Placement.ON_DEVICE else torch.device("cpu"),
             lora_cache or LoRACache(max_count=0, max_bytes=0),
             weights_streamed=placement is Placement.SEQUENTIAL_OFFLOAD,
+            weights_offloaded=placement is not Placement.ON_DEVICE,
         )
         """Applies LoRAs to this pipeline (the only code that changes its weights)."""
         self._scheduler_config: Mapping[str, Any] = MappingProxyType(

@@ -1,9 +1,11 @@
-"""The copies that make the restore exact: kept in reused host buffers, put back bit for bit."""
+"""What makes the restore exact: the base weights kept (swapped out on the CPU, copied to
+host memory elsewhere) in reused buffers and put back bit for bit."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
@@ -14,16 +16,46 @@ from tests.checksums import weights_checksum
 from tests.factories.lora_files import write_lora
 
 
-def test_a_restore_puts_back_every_saved_tensor_exactly() -> None:
-    pool = BackupPool()
-    weight = torch.randn(8, 8, generator=torch.Generator().manual_seed(1))
-    original = weight.clone()
-    pool.save(weight)
-    weight.add_(torch.full_like(weight, 1e-7))  # a change smaller than most values' ulp
-    weight.mul_(3)
+@pytest.mark.parametrize("swap", [True, False], ids=["swap", "copy"])
+def test_a_restore_puts_back_every_changed_tensor_exactly(swap: bool) -> None:
+    pool = BackupPool(swap=swap)
+    weight = torch.nn.Parameter(torch.randn(8, 8, generator=torch.Generator().manual_seed(1)))
+    original = weight.detach().clone()
+    current, target = pool.writable(weight)
+    # A change smaller than most values' ulp, then a large one: both undone exactly.
+    torch.add(current, torch.full_like(current, 1e-7), out=target)
+    target.mul_(3)
+    assert torch.equal(weight.detach(), target)
+    assert not torch.equal(weight.detach(), original)
     pool.restore()
-    assert torch.equal(weight, original)
+    assert torch.equal(weight.detach(), original)
     assert pool.saved == 0
+
+
+def test_swapping_never_writes_the_original_weight() -> None:
+    pool = BackupPool(swap=True)
+    weight = torch.nn.Parameter(torch.ones(4, 4))
+    storage = weight.data_ptr()
+    current, target = pool.writable(weight)
+    assert current.data_ptr() == storage
+    assert target.data_ptr() != storage
+    assert weight.data_ptr() == target.data_ptr()
+    target.fill_(5)
+    assert torch.equal(current, torch.ones(4, 4))
+    pool.restore()
+    assert weight.data_ptr() == storage
+
+
+def test_the_model_uses_the_changed_weight_until_the_restore() -> None:
+    linear = torch.nn.Linear(3, 2, bias=False)
+    pool = BackupPool(swap=True)
+    x = torch.ones(1, 3)
+    before = linear(x)
+    current, target = pool.writable(linear.weight)
+    torch.mul(current, 2, out=target)
+    assert torch.allclose(linear(x), 2 * before)
+    pool.restore()
+    assert torch.equal(linear(x), before)
 
 
 def test_buffers_are_reused_by_the_next_request(
@@ -34,6 +66,7 @@ def test_buffers_are_reused_by_the_next_request(
     request = LoRARequest(id=1, name="l", path=path, content_key="l")
     before = weights_checksum(tiny_pipeline)
     pool = manager.loras.backups
+    assert pool.swap  # a CPU pipeline, not offloaded
     with manager.apply_loras([request]):
         assert weights_checksum(tiny_pipeline) != before
     held = pool.nbytes
