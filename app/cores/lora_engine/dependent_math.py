@@ -14,13 +14,13 @@ from collections.abc import Sequence
 import torch
 
 from app.cores.lora_engine.layer_math import (
-    _F32,
-    _GLORA,
-    _glora_old,
-    _glora_rank,
-    _glora_size,
-    _need,
+    FLOAT32,
+    GLORA_ROLES,
     dora_weight,
+    glora_old_layout,
+    glora_rank,
+    glora_size,
+    required_tensor,
     weight_delta,
 )
 from app.cores.lora_files.layers import FileLayer, LayerKind
@@ -28,7 +28,7 @@ from app.cores.lora_files.layers import FileLayer, LayerKind
 
 def _flag(layer: FileLayer, role: str) -> bool | None:
     """A 0/1 flag tensor's value; None when only its shape is known (a ``meta`` tensor)."""
-    tensor = _need(layer, role)
+    tensor = required_tensor(layer, role)
     if tensor.numel() != 1:
         raise ValueError(f"{layer.name}: its {role!r} is not a single value")
     if tensor.device.type == "meta":
@@ -37,7 +37,7 @@ def _flag(layer: FileLayer, role: str) -> bool | None:
 
 
 def _ia3_fit(layer: FileLayer, shape: Sequence[int] | None) -> str | None:
-    factors = _need(layer, "weight")
+    factors = required_tensor(layer, "weight")
     count = factors.numel()
     # LyCORIS writes (n,) for a linear layer and (1, n, 1, 1) for a convolution.
     if factors.ndim > 1 and sorted(factors.shape)[:-1] != [1] * (factors.ndim - 1):
@@ -54,9 +54,9 @@ def _ia3_fit(layer: FileLayer, shape: Sequence[int] | None) -> str | None:
 
 
 def _glora_fit(layer: FileLayer, shape: Sequence[int] | None) -> str | None:
-    old = _glora_old(layer, shape)
-    a1, a2, b1, b2 = (_need(layer, role).flatten(1).shape for role in _GLORA)
-    rows, cols = _glora_size(layer, old)
+    old = glora_old_layout(layer, shape)
+    a1, a2, b1, b2 = (required_tensor(layer, role).flatten(1).shape for role in GLORA_ROLES)
+    rows, cols = glora_size(layer, old)
     if old:  # b2 (out, r) b1 (r, cols); W (out, cols) @ a2 (cols, r) @ a1 (r, cols)
         fits = b2[1] == b1[0] == a1[0] == a2[1] and a2[0] == a1[1] == cols
         channels = cols
@@ -64,7 +64,7 @@ def _glora_fit(layer: FileLayer, shape: Sequence[int] | None) -> str | None:
         fits = b1[1] == b2[0] == a1[1] == a2[0] and a1[0] == a2[1]
         channels = a1[0]
     if not fits:
-        shapes = ", ".join(str(tuple(_need(layer, role).shape)) for role in _GLORA)
+        shapes = ", ".join(str(tuple(required_tensor(layer, role).shape)) for role in GLORA_ROLES)
         return f"has GLoRA matrices a1, a2, b1, b2 of shapes {shapes}, which do not fit"
     if shape is None:
         return None
@@ -80,9 +80,10 @@ def _glora_weight(layer: FileLayer, weight: torch.Tensor, strength: float) -> to
     ``B = b1 @ b2``, ``W A`` maps each kernel position's input channels through ``a1 @ a2``;
     the old one: ``B = b2 @ b1``, ``W A = (W.flatten(1) @ a2) @ a1``. The scale is
     ``alpha / r`` as LyCORIS and ComfyUI take it; A1111 gives its GLoRA no rank, so scale 1."""
-    old = _glora_old(layer, weight.shape)
+    old = glora_old_layout(layer, weight.shape)
     a1, a2, b1, b2 = (
-        _need(layer, role).to(device=weight.device, dtype=_F32).flatten(1) for role in _GLORA
+        required_tensor(layer, role).to(device=weight.device, dtype=FLOAT32).flatten(1)
+        for role in GLORA_ROLES
     )
     if old:
         diff = (b2 @ b1 + (weight.flatten(1) @ a2) @ a1).reshape(weight.shape)
@@ -90,7 +91,7 @@ def _glora_weight(layer: FileLayer, weight: torch.Tensor, strength: float) -> to
         through_a = torch.einsum("oi...,ir->or...", weight, a1)
         through_a = torch.einsum("or...,ri->oi...", through_a, a2)
         diff = through_a + (b1 @ b2).reshape(weight.shape)
-    rank = _glora_rank(layer, old)
+    rank = glora_rank(layer, old)
     scale = 1.0 if layer.alpha is None else layer.alpha / rank
     return weight + (strength * scale) * diff
 
@@ -101,7 +102,7 @@ def _oft_blocks(layer: FileLayer) -> tuple[torch.Tensor, bool]:
     blocks = layer.tensors.get("oft_blocks")
     if blocks is not None:
         return blocks, True
-    return _need(layer, "oft_diag"), False
+    return required_tensor(layer, "oft_diag"), False
 
 
 def _oft_fit(layer: FileLayer, shape: Sequence[int] | None) -> str | None:
@@ -124,7 +125,7 @@ def _oft_weight(layer: FileLayer, weight: torch.Tensor, strength: float) -> torc
     alpha alone and applies the strength twice, A1111 skips the Cayley transform; LyCORIS,
     which trained the file, is followed."""
     source, constrained = _oft_blocks(layer)
-    blocks = source.to(device=weight.device, dtype=_F32)
+    blocks = source.to(device=weight.device, dtype=FLOAT32)
     count, size = int(blocks.shape[0]), int(blocks.shape[1])
     skew = blocks - blocks.transpose(1, 2)
     if constrained and layer.alpha is not None and layer.alpha > 0:
@@ -132,7 +133,7 @@ def _oft_weight(layer: FileLayer, weight: torch.Tensor, strength: float) -> torc
         norm = float(torch.linalg.vector_norm(skew).item())  # over every block at once
         if norm + 1e-8 > limit:
             skew = skew * (limit / (norm + 1e-8))
-    eye = torch.eye(size, device=weight.device, dtype=_F32).expand(count, size, size)
+    eye = torch.eye(size, device=weight.device, dtype=FLOAT32).expand(count, size, size)
     rotation = torch.linalg.solve((eye - skew).transpose(1, 2), (eye + skew).transpose(1, 2))
     rotation = rotation.transpose(1, 2)  # (I + Q)(I - Q)^-1, solved rather than inverted
     blended = strength * rotation + (1 - strength) * eye
@@ -161,7 +162,7 @@ def _ia3_weight(layer: FileLayer, weight: torch.Tensor, strength: float) -> torc
     """LyCORIS ``IA3Module.make_weight``: ``W * (1 + s * w)``, the factors ``w`` along the
     output rows, or along the input channels (dim 1) when ``on_input`` is set. A1111
     (``network_ia3.py``) adds ``s * (W * w)``, the same; ComfyUI has no (IA)³ adapter."""
-    factors = _need(layer, "weight").to(device=weight.device, dtype=_F32).flatten()
+    factors = required_tensor(layer, "weight").to(device=weight.device, dtype=FLOAT32).flatten()
     view = [1] * weight.dim()
     view[1 if _flag(layer, "on_input") else 0] = -1
     return weight * (1 + strength * factors.reshape(view))
@@ -172,7 +173,7 @@ def dependent_weight(layer: FileLayer, weight: torch.Tensor, strength: float) ->
     float32 ``weight`` (the base with every additive layer already added) at ``strength``:
     a DoRA layer (:func:`dora_weight`) or a :data:`WEIGHT_DEPENDENT` kind. Raises ValueError
     when the layer does not fit ``weight``."""
-    weight = weight.to(_F32)
+    weight = weight.to(FLOAT32)
     if layer.dora is not None:
         delta = weight_delta(layer, weight.shape, weight.device)
         if delta is None:

@@ -24,10 +24,10 @@ from app.cores.lora_files.layers import (
     LayerKind,
 )
 
-_F32 = torch.float32
+FLOAT32 = torch.float32
 
 
-def _need(layer: FileLayer, role: str) -> torch.Tensor:
+def required_tensor(layer: FileLayer, role: str) -> torch.Tensor:
     tensor = layer.tensors.get(role)
     if tensor is None:
         raise ValueError(f"{layer.name}: a {layer.kind} layer needs a {role!r} tensor")
@@ -41,7 +41,7 @@ def _cols(tensor: torch.Tensor) -> int:
 def _factor_size(layer: FileLayer, a: str, b: str, t: str) -> tuple[int, int]:
     """Size of ``a @ b``, or of its Tucker form, whose ``a`` is ``(rank, out)``, not
     ``(out, rank)`` (LyCORIS stores the Tucker factors as the core's mode matrices)."""
-    wa, wb, core = _need(layer, a), _need(layer, b), layer.tensors.get(t)
+    wa, wb, core = required_tensor(layer, a), required_tensor(layer, b), layer.tensors.get(t)
     if core is None:
         return wa.shape[0], _cols(wb)
     return wa.shape[1], wb.shape[1] * math.prod(core.shape[2:])
@@ -76,7 +76,11 @@ def _delta_size(layer: FileLayer) -> tuple[int, int]:
     tensors = layer.tensors
     match layer.kind:
         case LayerKind.LORA:
-            up, down, mid = _need(layer, "up"), _need(layer, "down"), tensors.get("mid")
+            up, down, mid = (
+                required_tensor(layer, "up"),
+                required_tensor(layer, "down"),
+                tensors.get("mid"),
+            )
             cols = _cols(down) if mid is None else down.shape[1] * math.prod(mid.shape[2:])
             return up.shape[0], cols
         case LayerKind.LOHA:
@@ -84,7 +88,10 @@ def _delta_size(layer: FileLayer) -> tuple[int, int]:
         case LayerKind.LOKR:
             w1 = tensors.get("lokr_w1")
             if w1 is None:
-                rows1, cols1 = _need(layer, "lokr_w1_a").shape[0], _cols(_need(layer, "lokr_w1_b"))
+                rows1, cols1 = (
+                    required_tensor(layer, "lokr_w1_a").shape[0],
+                    _cols(required_tensor(layer, "lokr_w1_b")),
+                )
             else:
                 rows1, cols1 = w1.shape[0], _cols(w1)
             rows2, cols2 = _lokr_w2_size(layer)
@@ -92,13 +99,13 @@ def _delta_size(layer: FileLayer) -> tuple[int, int]:
         case LayerKind.FULL:
             diff = tensors.get("diff")
             if diff is None:
-                return _need(layer, "diff_b").shape[0], 1
+                return required_tensor(layer, "diff_b").shape[0], 1
             return diff.shape[0], _cols(diff)
         case LayerKind.NORM:
             norm = tensors.get("w_norm")
-            return (norm if norm is not None else _need(layer, "b_norm")).shape[0], 1
+            return (norm if norm is not None else required_tensor(layer, "b_norm")).shape[0], 1
         case LayerKind.GLORA:
-            return _glora_size(layer, _glora_old(layer, None))
+            return glora_size(layer, glora_old_layout(layer, None))
     raise ValueError(f"{layer.name}: unknown layer kind {layer.kind!r}")
 
 
@@ -113,11 +120,11 @@ def layer_rank(layer: FileLayer) -> int | None:
     tensors = layer.tensors
     match layer.kind:
         case LayerKind.LORA:
-            return _need(layer, "down").shape[0]
+            return required_tensor(layer, "down").shape[0]
         case LayerKind.LOHA:
-            return _need(layer, "hada_w1_b").shape[0]
+            return required_tensor(layer, "hada_w1_b").shape[0]
         case LayerKind.GLORA:
-            return _glora_rank(layer, _glora_old(layer, None))
+            return glora_rank(layer, glora_old_layout(layer, None))
         case LayerKind.LOKR:
             for role in ("lokr_w2_b", "lokr_w1_b"):
                 if role in tensors:
@@ -137,18 +144,18 @@ def layer_scale(layer: FileLayer) -> float:
 def _factor(layer: FileLayer, a: str, b: str, t: str | None, device: torch.device) -> torch.Tensor:
     """``a @ b`` (2-D), or with a Tucker core ``t`` (r, r, *k) the LyCORIS rebuild
     ``W[o, c, *k] = sum_ij t[i, j, *k] a[i, o] b[j, c]`` (``rebuild_tucker``/``make_weight_cp``)."""
-    wa = _need(layer, a).to(device=device, dtype=_F32)
-    wb = _need(layer, b).to(device=device, dtype=_F32)
+    wa = required_tensor(layer, a).to(device=device, dtype=FLOAT32)
+    wb = required_tensor(layer, b).to(device=device, dtype=FLOAT32)
     core = layer.tensors.get(t) if t is not None else None
     if core is None:
         return wa.reshape(wa.shape[0], -1) @ wb.reshape(wb.shape[0], -1)
-    core = core.to(device=device, dtype=_F32)
+    core = core.to(device=device, dtype=FLOAT32)
     return torch.einsum("ij...,io,jc->oc...", core, wa.flatten(1), wb.flatten(1))
 
 
 def _lora(layer: FileLayer, device: torch.device) -> torch.Tensor:
-    up = _need(layer, "up").to(device=device, dtype=_F32)
-    down = _need(layer, "down").to(device=device, dtype=_F32)
+    up = required_tensor(layer, "up").to(device=device, dtype=FLOAT32)
+    down = required_tensor(layer, "down").to(device=device, dtype=FLOAT32)
     up, down = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
     mid = layer.tensors.get("mid")
     if mid is None:
@@ -156,7 +163,7 @@ def _lora(layer: FileLayer, device: torch.device) -> torch.Tensor:
     # LoCon "use_tucker": up (out, r, 1, 1), mid (r, r, kh, kw), down (r, in, 1, 1) are three
     # convolutions in a row, so W[o, c, *k] = sum_nm up[o, n] mid[n, m, *k] down[m, c]
     # (A1111 rebuild_cp_decomposition, ComfyUI tucker_weight_from_conv).
-    mid = mid.to(device=device, dtype=_F32)
+    mid = mid.to(device=device, dtype=FLOAT32)
     return torch.einsum("nm...,on,mc->oc...", mid, up, down)
 
 
@@ -167,7 +174,7 @@ def _lokr(layer: FileLayer, device: torch.device) -> torch.Tensor:
     w2 = layer.tensors.get("lokr_w2")
     if w2 is None:
         w2 = _factor(layer, "lokr_w2_a", "lokr_w2_b", "lokr_t2", device)
-    w1, w2 = w1.to(device=device, dtype=_F32), w2.to(device=device, dtype=_F32)
+    w1, w2 = w1.to(device=device, dtype=FLOAT32), w2.to(device=device, dtype=FLOAT32)
     # A conv's right factor may be 4-D (full lokr_w2, or the Tucker rebuild): w1 (a, c) gains
     # trailing 1-dims so kron gives (a*b, c*d, kh, kw), as ComfyUI/A1111/LyCORIS make_kron do.
     # A 2-D right factor (b, d*kh*kw) gives the same numbers once reshaped.
@@ -188,10 +195,10 @@ def _raw_delta(layer: FileLayer, device: torch.device) -> torch.Tensor | None:
             return _lokr(layer, device)
         case LayerKind.FULL:
             diff = layer.tensors.get("diff")
-            return None if diff is None else diff.to(device=device, dtype=_F32)
+            return None if diff is None else diff.to(device=device, dtype=FLOAT32)
         case LayerKind.NORM:
             norm = layer.tensors.get("w_norm")
-            return None if norm is None else norm.to(device=device, dtype=_F32)
+            return None if norm is None else norm.to(device=device, dtype=FLOAT32)
         case kind if kind in WEIGHT_DEPENDENT:
             raise ValueError(f"{layer.name}: a {kind} layer has no weight difference of its own")
     raise ValueError(f"{layer.name}: unknown layer kind {layer.kind!r}")
@@ -228,7 +235,7 @@ def bias_delta(layer: FileLayer, device: torch.device) -> torch.Tensor | None:
     tensor = layer.tensors.get(role.get(layer.kind, ""))
     if tensor is None:
         return None
-    bias = tensor.to(device=device, dtype=_F32)
+    bias = tensor.to(device=device, dtype=FLOAT32)
     return bias * layer_scale(layer) if layer.kind == LayerKind.LORA else bias
 
 
@@ -264,10 +271,10 @@ def dora_weight(
         raise ValueError(f"DoRA: delta {tuple(delta.shape)} != weight {tuple(weight.shape)}")
     if weight.dim() < 2:
         raise ValueError(f"DoRA needs a weight of 2 or more dims, not {tuple(weight.shape)}")
-    weight = weight.to(_F32)
-    delta = delta.to(device=weight.device, dtype=_F32)
+    weight = weight.to(FLOAT32)
+    delta = delta.to(device=weight.device, dtype=FLOAT32)
     axis = 0 if dora.axis == DoRAAxis.OUTPUT else 1
-    magnitude = dora.magnitude.to(device=weight.device, dtype=_F32)
+    magnitude = dora.magnitude.to(device=weight.device, dtype=FLOAT32)
     if magnitude.numel() != weight.shape[axis]:
         raise ValueError(
             f"DoRA: {magnitude.numel()} magnitudes for a weight of shape {tuple(weight.shape)}"
@@ -278,16 +285,16 @@ def dora_weight(
     magnitude = magnitude.reshape(view)
     if dora.strength == DoRAStrength.BLEND:
         merged = weight + delta
-        norm = _norm(merged, dora.axis) + torch.finfo(_F32).eps
+        norm = _norm(merged, dora.axis) + torch.finfo(FLOAT32).eps
         return weight + strength * (magnitude * merged / norm - weight)
     merged = weight + strength * delta
     return magnitude * merged / _norm(merged, dora.axis)
 
 
-_GLORA = ("a1", "a2", "b1", "b2")
+GLORA_ROLES = ("a1", "a2", "b1", "b2")
 
 
-def _glora_old(layer: FileLayer, shape: Sequence[int] | None) -> bool:
+def glora_old_layout(layer: FileLayer, shape: Sequence[int] | None) -> bool:
     """Whether the file has LyCORIS's first GLoRA layout, ``b2 @ b1 + W @ a2 @ a1`` (b2
     ``(out, r)``, b1 ``(r, in)``, a2 ``(in, r)``, a1 ``(r, in)``; A1111 knows only this one),
     rather than today's ``b1 @ b2 + W @ a1 @ a2`` (``nn.Linear`` weights: b1 ``(out, r)``, b2
@@ -296,7 +303,7 @@ def _glora_old(layer: FileLayer, shape: Sequence[int] | None) -> bool:
     the weight is square with as many rows as ``a2``; without a weight (the upload check) the
     layout whose rank is the smaller is taken, which is ComfyUI's choice for every file whose
     rank is below its width."""
-    a1, a2, b1, b2 = (_need(layer, role).shape for role in _GLORA)
+    a1, a2, b1, b2 = (required_tensor(layer, role).shape for role in GLORA_ROLES)
     old = b2[1] == b1[0] == a1[0] == a2[1]
     new = b2[0] == b1[1] == a1[1] == a2[0]
     if old and new:
@@ -306,11 +313,11 @@ def _glora_old(layer: FileLayer, shape: Sequence[int] | None) -> bool:
     return old
 
 
-def _glora_rank(layer: FileLayer, old: bool) -> int:
+def glora_rank(layer: FileLayer, old: bool) -> int:
     """LyCORIS ``lora_dim``: ``a1``'s rows in the old layout, ``a2``'s in today's (ComfyUI's)."""
-    return int(_need(layer, "a1" if old else "a2").shape[0])
+    return int(required_tensor(layer, "a1" if old else "a2").shape[0])
 
 
-def _glora_size(layer: FileLayer, old: bool) -> tuple[int, int]:
-    b1, b2 = _need(layer, "b1"), _need(layer, "b2")
+def glora_size(layer: FileLayer, old: bool) -> tuple[int, int]:
+    b1, b2 = required_tensor(layer, "b1"), required_tensor(layer, "b2")
     return (b2.shape[0], _cols(b1)) if old else (b1.shape[0], _cols(b2))
