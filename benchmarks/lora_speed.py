@@ -4,21 +4,29 @@ path.
 Run with ``make bench`` or::
 
     .venv/bin/python -m benchmarks.lora_speed [--device auto|cpu|cuda] [--repeats N]
-        [--models tiny,sd15] [--cache-dir PATH] [--output PATH] [--cycles N]
+        [--models tiny,sd15,sdxl] [--cache-dir PATH] [--output PATH] [--cycles N]
         [--cycle-budget-s S]
 
-Two models, measured one after the other in the same process:
+The models, measured one after the other in the same process (by default all three; the
+SDXL-sized one adds about 9 minutes and 11 GiB of peak RSS on a 2-core CPU):
 
 * ``tiny``: the app's embedded default model (``<cache>/models/embedded--tiny-sd``).
 * ``sd15``: a pipeline with Stable Diffusion 1.5's real UNet, text-encoder and VAE configs and
   seeded random weights, built once into ``<cache>/models/bench--sd15-shaped`` (fp16 on disk,
   loaded as fp32 on the CPU and fp16 on CUDA). Nothing is downloaded.
+* ``sdxl``: SDXL base 1.0's real UNet, both text encoders (CLIP-L and OpenCLIP bigG) and VAE
+  with seeded weights (:mod:`benchmarks.sdxl_model`), built once into
+  ``<cache>/models/bench--sdxl-shaped`` (fp16 on disk, ~7 GB, about 1.5 min); loaded as bf16 on
+  the CPU (the header says whether the CPU has AMX-BF16, which makes bf16 matmuls fast) and
+  fp16 on CUDA. Its cycle rows run at most 10 cycles (:attr:`ModelSpec.max_cycles`).
 
-For each model the test factory writes five rank-32 LoRAs for the UNet and the text encoder
-(Kohya and PEFT files alternating) into a temporary folder; they are applied with weight 0.5.
+For each model the test factory writes five rank-32 LoRAs for the UNet and the text
+encoder(s) (SDXL: both; Kohya and PEFT files alternating) into a temporary folder; they are
+applied with weight 0.5.
 
-Rows (median and spread over the repeats, by default 20 on the tiny model and 5 on the
-SD 1.5-sized one; spread is p10–p90 with 10 or more samples, else min–max):
+Rows (median and spread over the repeats, by default 20 on the tiny model, 5 on the
+SD 1.5-sized one and 3 on the SDXL-sized one; spread is p10–p90 with 10 or more samples, else
+min–max):
 
 ``naive: apply 5`` / ``naive: remove`` / ``naive: apply + remove``
     The baseline, Plan 006 itself on the same pipeline: five ``load_lora_weights`` and one
@@ -42,13 +50,22 @@ SD 1.5-sized one; spread is p10–p90 with 10 or more samples, else min–max):
     round of this run (rows ``machine: memory bandwidth`` and ``machine: matmul rate``).
 ``step: base`` / ``step: 5 fused (ours)`` / ``step: 5 unfused adapters (naive)``
     One UNet forward on a classifier-free-guidance batch of 2, the unit of the denoising loop
-    (64x64 px; 512x512 px for the SD 1.5-sized model on CUDA): without LoRAs, inside
+    (64x64 px on the CPU; on CUDA 512x512 px for SD 1.5, 1024x1024 for SDXL, whose UNet also
+    gets its pooled-text and size conditions): without LoRAs, inside
     ``apply_loras`` (fused) and with the five loaded as PEFT adapters (Plan 006). The
     notes check that fused and unfused agree and that the base output is bit-identical
     afterwards. On the CPU a step's time also depends on glibc's allocator state: in some
     processes every SD 1.5-sized step page-faults ~1.7 GiB of freshly mapped buffers again
     (~450k minor faults, +30-40 %), in others none, whatever the LoRAs; a fused/base gap that
     varies between runs is that, not the weights.
+``peak memory``
+    One sample each, after the step rows: the peak memory of a base step above the memory in
+    use just before it, and how much higher the peak is when the step runs inside a warm
+    ``apply_loras`` (fuse 5 + step + restore: the backups, the fusion's temporaries) or on the
+    naive path (load 5 adapters + step + unload). On CUDA ``torch.cuda.max_memory_allocated``;
+    on the CPU the kernel's peak resident set (``VmHWM``, reset through
+    ``/proc/self/clear_refs``), cross-checked by sampling RSS every 2 ms
+    (:mod:`benchmarks.peak_memory`).
 ``cycle`` / ``memory: RSS growth``
     Apply / generate (1 step, 64x64 px, CFG, through ``text_to_image``) / remove on the fast path,
     repeated; the resident set size (psutil) after the last cycle minus after the first, in MiB
@@ -63,7 +80,8 @@ so that a change in load hits them alike, and the header shows the load average.
 
 This module holds the command line, the per-model orchestration and the table; the models and
 the LoRA set are in :mod:`benchmarks.models`, the timing and memory helpers in
-:mod:`benchmarks.measure` and the rows themselves in :mod:`benchmarks.rows`.
+:mod:`benchmarks.measure` and the rows themselves in :mod:`benchmarks.rows` (apply/remove,
+steps) and :mod:`benchmarks.memory_rows` (cycles, peak memory).
 """
 
 from __future__ import annotations
@@ -84,9 +102,10 @@ import torch
 
 from app.logging_setup import configure_logging
 from benchmarks.measure import Bench, Clock, OtherProcesses, Row, progress
+from benchmarks.memory_rows import bench_memory, bench_peak_memory
 from benchmarks.models import MODELS, ModelSpec, load_manager, prepare_model, write_lora_set
 from benchmarks.results import DEFAULT_PATH, cpu_name, load_line, local_time, write_section
-from benchmarks.rows import bench_apply_remove, bench_memory, bench_steps
+from benchmarks.rows import bench_apply_remove, bench_steps
 
 # ---------------------------------------------------------------------------------------------
 # Report
@@ -117,10 +136,43 @@ def summary_lines(bench: Bench) -> list[str]:
     ]
 
 
-def machine_line(device: torch.device) -> str:
-    where = f"{device.type}, fp32"
+def _short(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(
+        dtype, str(dtype).removeprefix("torch.")
+    )
+
+
+def cpu_has_amx_bf16() -> bool:
+    """Whether the CPU has AMX-BF16 tiles (Sapphire Rapids and later), which oneDNN uses for
+    bf16 matmuls; False where /proc/cpuinfo cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any("amx_bf16" in line.split() for line in cpuinfo if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+def dtype_words(device: torch.device, specs: Sequence[ModelSpec]) -> str:
+    """The weights' dtype per model on ``device``: "fp32" or "fp32 (tiny, sd15), bf16 (sdxl)"."""
+    by_dtype: dict[str, list[str]] = {}
+    for spec in specs:
+        by_dtype.setdefault(_short(spec.dtype(device)), []).append(spec.key)
+    if len(by_dtype) == 1:
+        words = next(iter(by_dtype))
+    else:
+        words = ", ".join(f"{name} ({', '.join(keys)})" for name, keys in by_dtype.items())
+    if device.type == "cpu" and "bf16" in by_dtype:
+        amx = "with AMX-BF16" if cpu_has_amx_bf16() else "without AMX: bf16 matmuls are slow"
+        words += f"; CPU {amx}"
+    return words
+
+
+def machine_line(device: torch.device, dtypes: str | None = None) -> str:
+    """The machine, the libraries and the device; ``dtypes`` as :func:`dtype_words` gives them
+    (default: fp32 on a CPU, fp16 on CUDA)."""
+    where = f"{device.type}, {dtypes or 'fp32'}"
     if device.type == "cuda":
-        where = f"cuda ({torch.cuda.get_device_name(device)}), fp16"
+        where = f"cuda ({torch.cuda.get_device_name(device)}), {dtypes or 'fp16'}"
     omp = os.environ.get("OMP_WAIT_POLICY", "default")
     return (
         f"Machine: {cpu_name()}, {os.cpu_count()} cores ({torch.get_num_threads()} torch "
@@ -158,11 +210,12 @@ def run_model(
     progress(f"  loaded in {time.perf_counter() - started:.1f} s")
     repeats = args.repeats or spec.default_repeats
     with tempfile.TemporaryDirectory(prefix="lora-bench-") as folder:
-        requests = write_lora_set(manager.pipeline, Path(folder), spec.key)
+        requests = write_lora_set(manager.pipeline, Path(folder), spec.key, spec.lora_components)
         bench = Bench(spec, manager, requests, Clock(device), repeats)
         steps: list[tuple[str, Callable[[], None]]] = [
             ("apply/remove rounds", lambda: bench_apply_remove(bench)),
             ("step rounds", lambda: bench_steps(bench)),
+            ("peak memory", lambda: bench_peak_memory(bench)),
             ("memory", lambda: bench_memory(bench, args.cycles, args.cycle_budget_s)),
         ]
         busy = OtherProcesses()
@@ -183,9 +236,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument(
-        "--repeats", type=int, default=None, help="samples per row (default: tiny 20, sd15 5)"
+        "--repeats",
+        type=int,
+        default=None,
+        help="samples per row (default: tiny 20, sd15 5, sdxl 3)",
     )
-    parser.add_argument("--models", default="tiny,sd15", help="comma-separated: tiny, sd15")
+    parser.add_argument(
+        "--models", default="tiny,sd15,sdxl", help="comma-separated: tiny, sd15, sdxl"
+    )
     parser.add_argument(
         "--cache-dir",
         type=Path,
@@ -243,14 +301,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench, built_s = run_model(MODELS[key], args, device)
         rows += bench.rows
         footer += summary_lines(bench)
-        if key == "sd15":
+        if MODELS[key].build is not None:
             footer.append(
-                "- SD1.5-sized model build: "
+                f"- {MODELS[key].label} model build: "
                 + (f"{built_s:.0f} s (this run)" if built_s is not None else "reused from cache")
             )
         gc.collect()
     footer.append(f"- Total wall time: {time.perf_counter() - started:.0f} s")
-    header = [machine_line(device), "", f"{load_at_start}; {load_line('at end')}"]
+    dtypes = dtype_words(device, [MODELS[key] for key in args.models])
+    header = [machine_line(device, dtypes), "", f"{load_at_start}; {load_line('at end')}"]
     table = render(header, rows, footer)
     print(table)
     if args.output is not None:

@@ -1,9 +1,10 @@
 """The benchmarked models and the LoRA set applied to them.
 
 Builds the SD 1.5-sized pipeline (Stable Diffusion 1.5's real UNet, text-encoder and VAE
-configs with seeded random weights; nothing is downloaded), prepares either model's folder,
-loads it into a ``PipelineManager`` and writes the five test LoRAs. Used by
-:mod:`benchmarks.lora_speed`.
+configs with seeded random weights; nothing is downloaded) and, from
+:mod:`benchmarks.sdxl_model`, the SDXL-sized one, each into a versioned cache folder; prepares
+a model's folder, loads it into a ``PipelineManager`` in the model's dtype for the device
+(:class:`ModelSpec`) and writes the five test LoRAs. Used by :mod:`benchmarks.lora_speed`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,13 @@ from app.cores.model_manager.embedded_model import (
     write_tokenizer,
 )
 from app.cores.model_manager.pipeline_manager import PipelineManager
+from benchmarks.sdxl_model import (
+    SDXL_FOLDER,
+    SDXL_MAX_SHARD,
+    SDXL_SAVE_DTYPE,
+    SDXL_VERSION,
+    sdxl_pipeline,
+)
 from tests.factories.lora_files import LoRAFileFormat, write_lora
 
 LORA_COUNT = 5
@@ -41,7 +50,7 @@ LORA_WEIGHT = 0.5
 SD15_FOLDER = "bench--sd15-shaped"
 # Bump when the architecture or seeds change, so that old folders are rebuilt.
 SD15_VERSION = "1"
-_SD15_VERSION_FILE = "bench_model_version.txt"
+_VERSION_FILE = "bench_model_version.txt"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,11 +123,34 @@ def build_sd15_model(model_dir: Path) -> float | None:
     """Build the SD 1.5-sized model into ``model_dir`` unless a current build is there.
 
     Returns the seconds the build took, or None if the folder was reused. Saved in fp16 (about
-    2 GB); built in a scratch folder beside ``model_dir`` and renamed, so a crash leaves either
-    no folder or a complete one.
+    2 GB).
     """
-    marker = model_dir / _SD15_VERSION_FILE
-    if marker.is_file() and marker.read_text().strip() == SD15_VERSION:
+    return build_versioned(model_dir, SD15_VERSION, _sd15_pipeline, torch.float16)
+
+
+def build_sdxl_model(model_dir: Path) -> float | None:
+    """Build the SDXL-sized model (:mod:`benchmarks.sdxl_model`) into ``model_dir`` unless a
+    current build is there; saved in fp16 (about 7 GB, shards of at most 2 GB)."""
+    return build_versioned(
+        model_dir, SDXL_VERSION, sdxl_pipeline, SDXL_SAVE_DTYPE, max_shard_size=SDXL_MAX_SHARD
+    )
+
+
+def build_versioned(
+    model_dir: Path,
+    version: str,
+    make_pipeline: Callable[[Path], Any],
+    dtype: torch.dtype,
+    max_shard_size: str | None = None,
+) -> float | None:
+    """Build ``make_pipeline(tokenizer_dir)`` into ``model_dir`` in ``dtype`` unless the folder
+    holds a build of ``version``; the seconds it took, or None if the folder was reused.
+
+    Built in a scratch folder beside ``model_dir`` and renamed, so a crash leaves either no
+    folder or a complete one.
+    """
+    marker = model_dir / _VERSION_FILE
+    if marker.is_file() and marker.read_text().strip() == version:
         return None
     started = time.perf_counter()
     model_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -126,15 +158,21 @@ def build_sd15_model(model_dir: Path) -> float | None:
         tokenizer_dir = Path(scratch) / "tokenizer-source"
         write_tokenizer(tokenizer_dir)
         build_dir = Path(scratch) / "model"
-        pipeline = _sd15_pipeline(tokenizer_dir)
-        pipeline.to(torch.float16)
-        pipeline.save_pretrained(str(build_dir), safe_serialization=True)
+        pipeline = make_pipeline(tokenizer_dir)
+        pipeline.to(dtype)
+        pipeline.save_pretrained(
+            str(build_dir), safe_serialization=True, max_shard_size=max_shard_size
+        )
         del pipeline
-        (build_dir / _SD15_VERSION_FILE).write_text(SD15_VERSION + "\n")
+        (build_dir / _VERSION_FILE).write_text(version + "\n")
         if model_dir.exists():
             shutil.rmtree(model_dir)
         build_dir.rename(model_dir)
     return time.perf_counter() - started
+
+
+_FP32_FP16 = {"cpu": torch.float32, "cuda": torch.float16}
+_SD15_COMPONENTS = ("unet", "text_encoder")
 
 
 @dataclass(frozen=True)
@@ -147,25 +185,52 @@ class ModelSpec:
     default_repeats: int
     step_px: dict[str, int]
     """Image size of the timed UNet step, per device type."""
+    dtypes: dict[str, torch.dtype] = field(default_factory=lambda: dict(_FP32_FP16))
+    """The weights' dtype, per device type (fp32 where the type is not listed)."""
+    build: Callable[[Path], float | None] | None = None
+    """Builds the model's folder (None: the app's embedded model)."""
+    lora_components: tuple[str, ...] = _SD15_COMPONENTS
+    """What the five LoRAs touch, and what the naive path activates them on."""
+    max_cycles: int | None = None
+    """At most this many apply/generate/remove cycles, whatever ``--cycles`` asks."""
+
+    def dtype(self, device: torch.device) -> torch.dtype:
+        return self.dtypes.get(device.type, torch.float32)
 
 
 MODELS: dict[str, ModelSpec] = {
     "tiny": ModelSpec(
         "tiny", "tiny (embedded)", EMBEDDED_MODEL_FOLDER, 20, {"cpu": 64, "cuda": 64}
     ),
-    "sd15": ModelSpec("sd15", "SD1.5-sized", SD15_FOLDER, 5, {"cpu": 64, "cuda": 512}),
+    "sd15": ModelSpec(
+        "sd15", "SD1.5-sized", SD15_FOLDER, 5, {"cpu": 64, "cuda": 512}, build=build_sd15_model
+    ),
+    # bf16 on the CPU: half the bytes of fp32 and, on CPUs with AMX-BF16 (Sapphire Rapids and
+    # later), about 3x the matmul rate; 2.6 G + 0.8 G parameters in fp32 would not leave room
+    # for the backups and a naive path's adapters on a small machine.
+    "sdxl": ModelSpec(
+        "sdxl",
+        "SDXL-sized",
+        SDXL_FOLDER,
+        3,
+        {"cpu": 64, "cuda": 1024},
+        dtypes={"cpu": torch.bfloat16, "cuda": torch.float16},
+        build=build_sdxl_model,
+        lora_components=("unet", "text_encoder", "text_encoder_2"),
+        max_cycles=10,
+    ),
 }
 
 
 def prepare_model(spec: ModelSpec, cache_dir: Path) -> tuple[Path, float | None]:
     """The model's folder, built if needed, and the build time (None if it was reused)."""
     model_dir = cache_dir / "models" / spec.folder
-    if spec.key == "tiny":
+    if spec.build is None:
         started = time.perf_counter()
         reused = (model_dir / "model_index.json").is_file()
         build_embedded_model(model_dir)
         return model_dir, None if reused else time.perf_counter() - started
-    return model_dir, build_sd15_model(model_dir)
+    return model_dir, spec.build(model_dir)
 
 
 def new_lora_cache() -> LoRACache:
@@ -178,20 +243,26 @@ def new_lora_cache() -> LoRACache:
 
 
 def load_manager(spec: ModelSpec, model_dir: Path, device: torch.device) -> PipelineManager:
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    """The model loaded onto ``device`` in the spec's dtype for that device."""
     return PipelineManager.load(
         spec.key,
         str(model_dir),
         device,
-        dtype,
+        spec.dtype(device),
         progress=lambda _step, _phase, _message: None,
         should_stop=lambda: False,
         lora_cache=new_lora_cache(),
     )
 
 
-def write_lora_set(pipeline: Any, folder: Path, model_key: str) -> list[LoRARequest]:
-    """Five rank-32 LoRAs for the UNet and the text encoder: Kohya, PEFT, Kohya, PEFT, Kohya."""
+def write_lora_set(
+    pipeline: Any,
+    folder: Path,
+    model_key: str,
+    components: Sequence[str] = _SD15_COMPONENTS,
+) -> list[LoRARequest]:
+    """Five rank-32 LoRAs for ``components`` (by default the UNet and the text encoder):
+    Kohya, PEFT, Kohya, PEFT, Kohya."""
     requests = []
     for index in range(1, LORA_COUNT + 1):
         fmt: LoRAFileFormat = "kohya" if index % 2 else "peft"
@@ -199,7 +270,7 @@ def write_lora_set(pipeline: Any, folder: Path, model_key: str) -> list[LoRARequ
             folder / f"bench_{index}_{fmt}.safetensors",
             pipeline,
             fmt=fmt,
-            components=("unet", "text_encoder"),
+            components=tuple(components),
             rank=LORA_RANK,
             seed=index,
         )
@@ -216,10 +287,12 @@ def write_lora_set(pipeline: Any, folder: Path, model_key: str) -> list[LoRARequ
 
 
 def weight_bytes(pipeline: Any) -> int:
-    """Bytes of the parameters and buffers of the UNet, text encoder and VAE."""
+    """Bytes of the parameters and buffers of the UNet, text encoder(s) and VAE."""
     total = 0
-    for name in ("unet", "text_encoder", "vae"):
-        module: torch.nn.Module = getattr(pipeline, name)
+    for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        module: torch.nn.Module | None = getattr(pipeline, name, None)
+        if module is None:
+            continue
         for tensor in [*module.parameters(), *module.buffers()]:
             total += tensor.numel() * tensor.element_size()
     return total

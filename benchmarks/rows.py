@@ -1,4 +1,4 @@
-"""The measured rows: apply/remove, per-step cost and memory over many cycles.
+"""The measured rows: apply/remove and per-step cost (memory rows: :mod:`benchmarks.memory_rows`).
 
 Each ``bench_*`` function runs its variants interleaved round by round (round 0 is a warm-up)
 and records its rows in the model's :class:`~benchmarks.measure.Bench`; what each row means is
@@ -9,34 +9,33 @@ from __future__ import annotations
 
 import gc
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from diffusers import EulerDiscreteScheduler
 
 from app.cores.lora_engine import LoRACache, LoRAEngine, LoRARequest
 from app.cores.lora_engine.preparation import PreparedLoRA
-from app.cores.model_manager.pipeline_manager import DiffusionParams, PipelineManager
 from benchmarks.floor import Floor, FloorSample
-from benchmarks.measure import Bench, MiB, progress, rss_bytes, trimmed_rss_bytes
-from benchmarks.models import weight_bytes
+from benchmarks.measure import Bench
 
-CYCLE_PX = 64
-MIN_CYCLES = 10
 _NAIVE_COMPONENTS = ("unet", "text_encoder")
 
 
-def naive_load(pipeline: Any, requests: Sequence[LoRARequest]) -> None:
+def naive_load(
+    pipeline: Any,
+    requests: Sequence[LoRARequest],
+    components: Sequence[str] = _NAIVE_COMPONENTS,
+) -> None:
     """Plan 006: each LoRA loaded by diffusers as its own PEFT adapter, then all activated
-    with their weights (what the engine does with the cache disabled, after preparing)."""
+    with their weights on ``components`` (what the engine does with the cache disabled, after
+    preparing)."""
     names = [f"bench_{request.id}" for request in requests]
     for name, request in zip(names, requests, strict=True):
         pipeline.load_lora_weights(str(request.path), adapter_name=name, use_safetensors=True)
     pipeline.set_adapters(
         names,
-        adapter_weights=[{c: r.weight_for(c) for c in _NAIVE_COMPONENTS} for r in requests],
+        adapter_weights=[{c: r.weight_for(c) for c in components} for r in requests],
     )
 
 
@@ -61,7 +60,9 @@ def bench_apply_remove(bench: Bench) -> None:
     for round_index in range(bench.repeats + 1):
         measured: dict[str, float] = {}
         gc.collect()
-        measured["naive_apply"] = clock.ms(lambda: naive_load(pipeline, requests))
+        measured["naive_apply"] = clock.ms(
+            lambda: naive_load(pipeline, requests, bench.spec.lora_components)
+        )
         measured["naive_remove"] = clock.ms(lambda: naive_unload(pipeline))
         gc.collect()
         measured["off_enter"], measured["off_exit"] = clock.enter_exit_ms(
@@ -167,20 +168,38 @@ def prepared_set(bench: Bench) -> list[PreparedLoRA]:
 
 
 def make_unet_step(bench: Bench, px: int) -> Callable[[], torch.Tensor]:
-    """One UNet forward on a CFG batch of 2 at ``px`` x ``px`` pixels, fixed inputs."""
+    """One UNet forward on a CFG batch of 2 at ``px`` x ``px`` pixels, fixed inputs.
+
+    SDXL's UNet (``addition_embed_type == "text_time"``) also gets its added conditions: the
+    pooled text embedding (1280 wide) and the six time ids (original size, crop, target size).
+    """
     pipeline = bench.manager.pipeline
     unet = pipeline.unet
+    config = unet.config
     side = px // pipeline.vae_scale_factor
     generator = torch.Generator("cpu").manual_seed(0)
-    latents = torch.randn(2, unet.config.in_channels, side, side, generator=generator)
-    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+    latents = torch.randn(2, config.in_channels, side, side, generator=generator)
+    context = torch.randn(2, 77, config.cross_attention_dim, generator=generator)
     latents = latents.to(bench.device, unet.dtype)
     context = context.to(bench.device, unet.dtype)
     timestep = torch.tensor(500, device=bench.device)
+    added: dict[str, torch.Tensor] | None = None
+    if config.addition_embed_type == "text_time":
+        pooled_width = (
+            config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        )
+        pooled = torch.randn(2, pooled_width, generator=generator)
+        time_ids = torch.tensor([[px, px, 0, 0, px, px]] * 2, dtype=torch.float32)
+        added = {
+            "text_embeds": pooled.to(bench.device, unet.dtype),
+            "time_ids": time_ids.to(bench.device, unet.dtype),
+        }
 
     def step() -> torch.Tensor:
         with torch.no_grad():
-            output: torch.Tensor = unet(latents, timestep, encoder_hidden_states=context)[0]
+            output: torch.Tensor = unet(
+                latents, timestep, encoder_hidden_states=context, added_cond_kwargs=added
+            )[0]
         return output
 
     return step
@@ -213,7 +232,7 @@ def bench_steps(bench: Bench) -> None:
         with manager.apply_loras(bench.requests):
             two_steps("fused", round_index)
         try:
-            naive_load(manager.pipeline, bench.requests)
+            naive_load(manager.pipeline, bench.requests, bench.spec.lora_components)
             two_steps("unfused", round_index)
         finally:
             naive_unload(manager.pipeline)
@@ -251,73 +270,3 @@ def bench_steps(bench: Bench) -> None:
         "identical" if restored else "DIFFERS",
         "bit-identical to before" if restored else "base weights not restored exactly",
     )
-
-
-def _generate_cycle(manager: PipelineManager, requests: list[LoRARequest]) -> None:
-    """Apply, generate one 1-step 64x64 image with CFG, remove."""
-    params = DiffusionParams(
-        prompt="a lighthouse on a cliff at sunset",
-        negative_prompt="blurry",
-        steps=1,
-        cfg_scale=7.0,
-        clip_skip=1,
-        seeds=[0],
-        scheduler=EulerDiscreteScheduler.from_config(dict(manager.scheduler_config)),
-    )
-    with manager.apply_loras(requests):
-        manager.text_to_image(params, CYCLE_PX, CYCLE_PX, None)
-
-
-def bench_memory(bench: Bench, max_cycles: int, budget_s: float) -> None:
-    """RSS (and CUDA peak) growth between the first and the last of N cycles.
-
-    N is ``max_cycles`` unless the cycles after the first take longer than ``budget_s``
-    together; then as many as fit (at least ``MIN_CYCLES``).
-    """
-    manager, clock = bench.manager, bench.clock
-    cuda = bench.device.type == "cuda"
-    times = [clock.ms(lambda: _generate_cycle(manager, bench.requests))]
-    gc.collect()
-    rss_first = rss_bytes()
-    trimmed_first = trimmed_rss_bytes()
-    peak_first = torch.cuda.max_memory_allocated(bench.device) if cuda else 0
-    deadline = time.perf_counter() + budget_s
-    while len(times) < max_cycles and (len(times) < MIN_CYCLES or time.perf_counter() < deadline):
-        times.append(clock.ms(lambda: _generate_cycle(manager, bench.requests)))
-    cycles = len(times)
-    progress(f"  {cycles} cycles, median {statistics.median(times):.0f} ms")
-    gc.collect()
-    rss_last = rss_bytes()
-    trimmed_last = trimmed_rss_bytes()
-    model_bytes = weight_bytes(manager.pipeline)
-    fewer = (
-        f" (fewer than {max_cycles}: time budget {budget_s:.0f} s)" if cycles < max_cycles else ""
-    )
-    bench.timing(
-        "cycle",
-        f"cycle: apply 5 + generate (1 step, {CYCLE_PX} px, CFG) + remove",
-        times[1:],
-        f"{cycles} cycles{fewer}",
-    )
-    growth = rss_last - rss_first
-    bench.note(
-        f"memory: RSS growth after {cycles} cycles vs after the 1st",
-        f"{growth / MiB:+.1f} MiB",
-        f"{100 * growth / model_bytes:+.2f} % of the {model_bytes / MiB:.0f} MiB of weights; "
-        f"RSS {rss_first / MiB:.0f} → {rss_last / MiB:.0f} MiB{fewer}",
-    )
-    if trimmed_first is not None and trimmed_last is not None:
-        trimmed = trimmed_last - trimmed_first
-        bench.note(
-            f"memory: RSS growth after malloc_trim, {cycles} cycles vs the 1st",
-            f"{trimmed / MiB:+.1f} MiB",
-            f"{100 * trimmed / model_bytes:+.2f} % of the weights; "
-            f"RSS {trimmed_first / MiB:.0f} → {trimmed_last / MiB:.0f} MiB",
-        )
-    if cuda:
-        peak_last = torch.cuda.max_memory_allocated(bench.device)
-        bench.note(
-            f"memory: CUDA max_memory_allocated growth after {cycles} cycles",
-            f"{(peak_last - peak_first) / MiB:+.1f} MiB",
-            f"peak {peak_first / MiB:.0f} → {peak_last / MiB:.0f} MiB",
-        )
