@@ -117,6 +117,13 @@ class Settings(BaseSettings):
         "with 429.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    cpu_tuning: bool = Field(
+        default=True,
+        description="At start-up, when the CPU computes: glibc keeps large freed buffers "
+        "(mallopt) instead of unmapping and faulting them in again every step; given back "
+        "when a model is unloaded (app.platform.cpu_runtime). MALLOC_* variables and "
+        "glibc.malloc tunables the user set are kept.",
+    )
 
     @field_validator("device")
     @classmethod

@@ -37,6 +37,7 @@ from app.cores.model_manager.model_hash import model_hash as hash_model_folder
 from app.cores.model_manager.placement import Placement, component_bytes, plan_placement
 from app.cores.model_manager.single_file import load_single_file
 from app.cores.model_manager.single_file import pipeline_class as single_file_pipeline_class
+from app.platform.cpu_runtime import release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -353,6 +354,8 @@ class PipelineManager:
         self.img2img = None
         self.loras.close()
         gc.collect()
+        # With the CPU start-up settings glibc keeps freed memory; give it back now.
+        release_free_memory()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         logger.info("Released pipeline of %s", self.model_id)
