@@ -62,7 +62,9 @@ def write_section(
     rows: Sequence[Row],
     extra: dict[str, Any] | None = None,
 ) -> None:
-    """Replace ``benchmark``'s section of the results file (created if missing)."""
+    """Replace ``benchmark``'s section of the results file (created if missing). Rows of
+    models this run did not measure (``--models sdxl`` alone, say) are kept from the last
+    run: each row says when it was measured, on what load."""
     document: dict[str, Any] = {}
     if path.is_file():
         with contextlib.suppress(ValueError):
@@ -71,13 +73,19 @@ def write_section(
                 document = loaded
     sections: dict[str, Any] = document.setdefault("benchmarks", {})
     written_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    measured = {row.model for row in rows}
+    previous = sections.get(benchmark, {}).get("rows", [])
+    kept = [r for r in previous if isinstance(r, dict) and r.get("model") not in measured]
+    new_rows = [
+        {**row.as_json(), "device": device, "measured_at": written_at, "load": load} for row in rows
+    ]
     sections[benchmark] = {
         "written_at": written_at,
         "device": device,
         "machine": machine,
         "load": load,
         "versions": versions(),
-        "rows": [{**row.as_json(), "device": device} for row in rows],
+        "rows": kept + new_rows,
         **(extra or {}),
     }
     document["written_at"] = written_at

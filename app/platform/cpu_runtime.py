@@ -82,6 +82,15 @@ class CpuTuning:
     """mallopt parameter name -> value, for the calls that glibc accepted."""
     skipped: list[str] = field(default_factory=list)
 
+    def describe(self) -> str:
+        """In words, for a benchmark's header."""
+        parts = []
+        if self.allocator:
+            parts.append(
+                "glibc mallopt " + ", ".join(f"{k}={v}" for k, v in self.allocator.items())
+            )
+        return "; ".join([*parts, *self.skipped]) or "nothing to do"
+
     def log(self) -> None:
         if self.allocator:
             settings = ", ".join(f"{key}={value}" for key, value in self.allocator.items())
