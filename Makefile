@@ -71,6 +71,8 @@ fuzz: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.lora_speed
+	$(BIN)/python -m benchmarks.cpu_step
+	$(BIN)/python -m benchmarks.http_costs
 	$(BIN)/python -m benchmarks.memory_estimate
 
 clean:

@@ -15,6 +15,11 @@ are to keep the original values. Two strategies, chosen by where the weights liv
   back. Applying LoRAs costs no GPU memory beyond one layer's difference at a time, as in
   A1111 and ComfyUI, which keep their backups in host memory too.
 
+With swap, the buffers still hold the last set's fused weights after the restore: the next
+request with the same set at the same weights (a user generating again, the most common
+request of all) points the parameters at them again without computing anything
+(:meth:`BackupPool.reinstall`).
+
 Either way the buffers are kept and reused by the next request that touches the same weight,
 instead of allocating and faulting in hundreds of megabytes per request; they are released
 when the model is unloaded (or by ``clear``). Their total is bounded by the weights LoRAs
@@ -24,6 +29,8 @@ Used with the pipeline lock held.
 """
 
 from __future__ import annotations
+
+from collections.abc import Hashable
 
 import torch
 
@@ -37,6 +44,25 @@ class BackupPool:
         which owns this pool."""
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         """(parameter, what restores it): the original tensor (swap) or its copy (copy)."""
+        self._kept: tuple[Hashable, list[torch.Tensor]] | None = None
+        """Swap: what the buffers hold (a set's signature) and the parameters they belong to."""
+
+    def reinstall(self, signature: Hashable) -> bool:
+        """Swap: if the buffers hold the fused weights of ``signature`` (the last fused set),
+        point the parameters at them again and return True; else False (fuse as usual)."""
+        if not self.swap or self._kept is None or self._kept[0] != signature:
+            return False
+        for weight in self._kept[1]:
+            original = weight.data
+            weight.data = self._buffers[id(weight)]
+            self._pending.append((weight, original))
+        return True
+
+    def keep(self, signature: Hashable) -> None:
+        """Swap: the weights changed since the last restore are exactly ``signature``'s
+        fused set (call after every weight was written, before the restore)."""
+        if self.swap:
+            self._kept = (signature, [weight for weight, _original in self._pending])
 
     def writable(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(current, target)`` for a weight about to change: its value now, and the tensor
@@ -46,6 +72,7 @@ class BackupPool:
         reused buffer that has already replaced the weight's data; ``current`` is the
         original, which must not be written.
         """
+        self._kept = None  # a buffer is about to be written
         buffer = self._buffer_for(weight)
         if self.swap:
             original = weight.data
@@ -91,6 +118,7 @@ class BackupPool:
         self._pending.clear()
 
     def clear(self) -> None:
+        self._kept = None
         self._pending.clear()
         self._buffers.clear()
 

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import replace
 
 import torch
 
 from app.cores.lora_engine.backups import BackupPool
 from app.cores.lora_engine.dependent_math import dependent_weight
-from app.cores.lora_engine.key_mapping import KeyMapper
+from app.cores.lora_engine.key_mapping import COMPONENTS, KeyMapper
 from app.cores.lora_engine.layer_math import bias_delta, layer_scale, weight_delta
 from app.cores.lora_engine.preparation import PreparedLayer, PreparedLoRA
 from app.cores.lora_engine.request import LoRARequest
@@ -223,12 +223,24 @@ def fused(
                 if strength != 0:
                     key = (target.component, target.module)
                     per_module.setdefault(key, []).append((layer, target, strength))
-    scratch = _Scratch()
     try:
         with torch.no_grad():
-            for (component, module), contributions in per_module.items():
-                changed = mapper.module(Target(component, module))
-                _fuse_module(changed, contributions, backups, scratch)
+            signature = _signature(selection)
+            if not backups.reinstall(signature):
+                scratch = _Scratch()
+                for (component, module), contributions in per_module.items():
+                    changed = mapper.module(Target(component, module))
+                    _fuse_module(changed, contributions, backups, scratch)
+                backups.keep(signature)
         yield backups.saved
     finally:
         backups.restore()
+
+
+def _signature(selection: Sequence[tuple[PreparedLoRA, LoRARequest]]) -> Hashable:
+    """What decides the fused weights: each LoRA's content and weight per component, in
+    request order (the weight-dependent kinds apply in that order)."""
+    return tuple(
+        (request.content_key, tuple(request.weight_for(c) for c in COMPONENTS))
+        for _prepared, request in selection
+    )

@@ -3,13 +3,16 @@ host memory elsewhere) in reused buffers and put back bit for bit."""
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from app.cores.lora_engine import LoRACache, LoRARequest
+from app.cores.lora_engine import LoRACache, LoRARequest, fusion
 from app.cores.lora_engine.backups import BackupPool
 from app.cores.model_manager.pipeline_manager import PipelineManager
 from tests.checksums import weights_checksum
@@ -79,3 +82,64 @@ def test_buffers_are_reused_by_the_next_request(
     assert weights_checksum(tiny_pipeline) == before
     manager.close()
     assert pool.nbytes == 0
+
+
+class FusedModules:
+    """Counts the modules fusion computes; the real function still runs."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        real = fusion._fuse_module
+
+        def counting(*args: Any, **kwargs: Any) -> None:
+            self.count += 1
+            real(*args, **kwargs)
+
+        monkeypatch.setattr(fusion, "_fuse_module", counting)
+
+
+def _fused_checksum(manager: PipelineManager, requests: list[LoRARequest]) -> str:
+    with manager.apply_loras(requests):
+        return weights_checksum(manager.pipeline)
+
+
+def test_the_same_set_again_reuses_the_fused_weights(
+    tiny_pipeline: StableDiffusionPipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manager = PipelineManager(tiny_pipeline, "tiny", torch.device("cpu"), LoRACache(4, 1 << 30))
+    paths = [write_lora(tmp_path / f"{i}.safetensors", tiny_pipeline, seed=i) for i in (1, 2)]
+    requests = [
+        LoRARequest(id=i, name=str(i), path=path, content_key=str(i), weight=0.5)
+        for i, path in enumerate(paths, start=1)
+    ]
+    base = weights_checksum(tiny_pipeline)
+    fused = FusedModules(monkeypatch)
+    first = _fused_checksum(manager, requests)
+    computed = fused.count
+    assert computed > 0
+    assert _fused_checksum(manager, requests) == first
+    assert fused.count == computed  # nothing computed: the kept buffers were put back
+    assert weights_checksum(tiny_pipeline) == base
+
+
+def test_another_weight_or_order_is_fused_again(
+    tiny_pipeline: StableDiffusionPipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manager = PipelineManager(tiny_pipeline, "tiny", torch.device("cpu"), LoRACache(4, 1 << 30))
+    path = write_lora(
+        tmp_path / "l.safetensors", tiny_pipeline, components=("unet", "text_encoder")
+    )
+    half = [LoRARequest(id=1, name="l", path=path, content_key="l", weight=0.5)]
+    more = [replace(half[0], weight=0.6)]
+    text_only = [replace(half[0], unet_weight=0.0)]
+    checksums = {name: _fused_checksum(manager, r) for name, r in [("half", half), ("more", more)]}
+    fresh = PipelineManager(
+        copy.deepcopy(tiny_pipeline), "tiny", torch.device("cpu"), LoRACache(4, 1 << 30)
+    )
+    fused = FusedModules(monkeypatch)
+    for name, requests in [("half", half), ("more", more), ("half", half)]:
+        before = fused.count
+        assert _fused_checksum(manager, requests) == checksums[name]
+        assert fused.count > before
+    base = weights_checksum(tiny_pipeline)
+    assert _fused_checksum(manager, text_only) == _fused_checksum(fresh, text_only) != base
