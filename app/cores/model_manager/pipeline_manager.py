@@ -87,8 +87,14 @@ def unpacked(latents: torch.Tensor, width: int, height: int, vae_scale: int) -> 
         return latents
     batch, _tokens, packed = latents.shape
     rows, cols = height // (vae_scale * 2), width // (vae_scale * 2)
+    shape = (batch, packed // 4, rows * 2, cols * 2)
+    if latents.device.type == "cpu" and latents.dtype in (torch.float32, torch.float16):
+        # On the CPU a torch copy here wakes torch's OpenMP pool, whose spinning threads cost
+        # a preview 16 ms on a busy 2-core machine (benchmarks.http_costs); NumPy: 1 ms.
+        grid = latents.numpy().reshape(batch, rows, cols, packed // 4, 2, 2)
+        return torch.from_numpy(grid.transpose(0, 3, 1, 4, 2, 5).reshape(shape))
     patches = latents.reshape(batch, rows, cols, packed // 4, 2, 2)
-    return patches.permute(0, 3, 1, 4, 2, 5).reshape(batch, packed // 4, rows * 2, cols * 2)
+    return patches.permute(0, 3, 1, 4, 2, 5).reshape(shape)
 
 
 @dataclass(frozen=True)
