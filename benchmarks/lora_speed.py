@@ -51,7 +51,8 @@ min–max):
     What no apply can beat (:mod:`benchmarks.floor`): the larger of the memory traffic (the
     set's LoRA factors read once, the touched weights read and written once) at the memory
     bandwidth and the fusion's matmul FLOPs at the matmul rate, both rates measured in each
-    round of this run (rows ``machine: memory bandwidth`` and ``machine: matmul rate``).
+    round of this run, the best of each taken (rows ``machine: memory bandwidth`` and
+    ``machine: matmul rate``).
 ``step: base`` / ``step: 5 fused (ours)`` / ``step: 5 unfused adapters (naive)``
     One UNet forward on a classifier-free-guidance batch of 2, the unit of the denoising loop
     (64x64 px on the CPU; on CUDA 512x512 px for SD 1.5, 1024x1024 for SDXL, whose UNet also
