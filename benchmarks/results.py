@@ -94,3 +94,41 @@ def write_section(
     temporary.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n")
     temporary.replace(path)
     print(f"Rows written to {path} (section {benchmark!r})")
+
+
+# Rows the README's table shows (the JSON has them all): what a reader compares.
+_README_ROWS = (
+    "naive: apply + remove",
+    "app, cache off",
+    "ours:",
+    "floor:",
+    "machine: memory bandwidth",
+    "machine: matmul rate",
+    "step:",
+    "peak memory: apply",
+    "memory: RSS growth after malloc_trim",
+    "machine: CPU used",
+    "step 512x512",
+    "minor page faults",
+    "fraction of the matmul rate",
+    "preview:",
+    "PNG:",
+    "HTTP:",
+)
+
+
+def markdown_table(path: Path = DEFAULT_PATH) -> str:
+    """The README's benchmark table, from the results file: ``python -m benchmarks.results``."""
+    document = json.loads(path.read_text())
+    lines = ["| benchmark | model | row | median | spread |", "|---|---|---|---:|---|"]
+    for name, section in document["benchmarks"].items():
+        for row in section["rows"]:
+            if row["row"].startswith(_README_ROWS):
+                lines.append(
+                    f"| {name} | {row['model']} | {row['row']} | {row['value']} | {row['spread']} |"
+                )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
