@@ -30,7 +30,7 @@ Used with the pipeline lock held.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Set
 
 import torch
 
@@ -47,10 +47,15 @@ class BackupPool:
         self._kept: tuple[Hashable, list[torch.Tensor]] | None = None
         """Swap: what the buffers hold (a set's signature) and the parameters they belong to."""
 
-    def reinstall(self, signature: Hashable) -> bool:
+    def reinstall(self, signature: Hashable, present: Set[int]) -> bool:
         """Swap: if the buffers hold the fused weights of ``signature`` (the last fused set),
-        point the parameters at them again and return True; else False (fuse as usual)."""
+        point the parameters at them again and return True; else False (fuse as usual).
+        ``present`` holds the ``id`` of every parameter the set would change now: a module
+        replaced since (another model part, a library swapping layers) means fuse again,
+        never a LoRA silently applied to a parameter the model no longer uses."""
         if not self.swap or self._kept is None or self._kept[0] != signature:
+            return False
+        if any(id(weight) not in present for weight in self._kept[1]):
             return False
         for weight in self._kept[1]:
             original = weight.data

@@ -225,12 +225,18 @@ def fused(
                     per_module.setdefault(key, []).append((layer, target, strength))
     try:
         with torch.no_grad():
+            modules = {key: mapper.module(Target(*key)) for key in per_module}
+            present = {
+                id(tensor)
+                for module in modules.values()
+                for tensor in (getattr(module, "weight", None), getattr(module, "bias", None))
+                if tensor is not None
+            }
             signature = _signature(selection)
-            if not backups.reinstall(signature):
+            if not backups.reinstall(signature, present):
                 scratch = _Scratch()
-                for (component, module), contributions in per_module.items():
-                    changed = mapper.module(Target(component, module))
-                    _fuse_module(changed, contributions, backups, scratch)
+                for key, contributions in per_module.items():
+                    _fuse_module(modules[key], contributions, backups, scratch)
                 backups.keep(signature)
         yield backups.saved
     finally:

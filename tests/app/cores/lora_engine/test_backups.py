@@ -143,3 +143,18 @@ def test_another_weight_or_order_is_fused_again(
         assert fused.count > before
     base = weights_checksum(tiny_pipeline)
     assert _fused_checksum(manager, text_only) == _fused_checksum(fresh, text_only) != base
+
+
+def test_a_replaced_parameter_is_fused_again_not_skipped(
+    tiny_pipeline: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manager = PipelineManager(tiny_pipeline, "tiny", torch.device("cpu"), LoRACache(4, 1 << 30))
+    path = write_lora(tmp_path / "l.safetensors", tiny_pipeline)
+    requests = [LoRARequest(id=1, name="l", path=path, content_key="l")]
+    first = _fused_checksum(manager, requests)
+    # Something outside the engine gives a changed layer a new parameter (same values).
+    layer = tiny_pipeline.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    layer.weight = torch.nn.Parameter(layer.weight.detach().clone())
+    fused = FusedModules(monkeypatch)
+    assert _fused_checksum(manager, requests) == first
+    assert fused.count > 0  # fused again: the kept buffer belongs to the old parameter
