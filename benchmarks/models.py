@@ -24,7 +24,7 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTokenizer
 
 from app.config import Settings
 from app.cores.lora_engine import LoRACache, LoRARequest
@@ -39,6 +39,7 @@ from benchmarks.sdxl_model import (
     SDXL_MAX_SHARD,
     SDXL_SAVE_DTYPE,
     SDXL_VERSION,
+    clip_l_text_encoder,
     sdxl_pipeline,
 )
 from tests.factories.lora_files import LoRAFileFormat, write_lora
@@ -83,23 +84,7 @@ def _sd15_pipeline(tokenizer_dir: Path) -> Any:
         layers_per_block=2,
         sample_size=512,
     )
-    torch.manual_seed(2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            projection_dim=768,
-            hidden_act="quick_gelu",
-            # The byte-level tokenizer's ids (< 514) are valid for this vocabulary.
-            bos_token_id=512,
-            eos_token_id=513,
-            pad_token_id=513,
-        )
-    )
+    text_encoder = clip_l_text_encoder()  # same config and seed as before: same weights
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,

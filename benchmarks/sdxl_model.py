@@ -121,10 +121,10 @@ def _clip_config(**config: Any) -> CLIPTextConfig:
     )
 
 
-def sdxl_text_encoders() -> tuple[CLIPTextModel, CLIPTextModelWithProjection]:
-    """CLIP ViT-L/14's text tower and OpenCLIP ViT-bigG/14's, with its projection."""
+def clip_l_text_encoder() -> CLIPTextModel:
+    """CLIP ViT-L/14's text tower (SD 1.5's text encoder, SDXL's first), seeded."""
     torch.manual_seed(2)
-    clip_l = CLIPTextModel(
+    return CLIPTextModel(
         _clip_config(
             hidden_size=768,
             intermediate_size=3072,
@@ -134,6 +134,11 @@ def sdxl_text_encoders() -> tuple[CLIPTextModel, CLIPTextModelWithProjection]:
             hidden_act="quick_gelu",
         )
     )
+
+
+def sdxl_text_encoders() -> tuple[CLIPTextModel, CLIPTextModelWithProjection]:
+    """CLIP ViT-L/14's text tower and OpenCLIP ViT-bigG/14's, with its projection."""
+    clip_l = clip_l_text_encoder()
     torch.manual_seed(3)
     big_g = CLIPTextModelWithProjection(
         _clip_config(
